@@ -1,0 +1,46 @@
+"""Zero-copy numpy arrays, pickled objects and a dict in named POSIX shared memory.
+
+Layers, bottom up: ``_block`` (named blocks), ``_header`` (the self-describing
+header), ``_heap`` (an allocator inside a block), then what users touch:
+:class:`SharedArray`, the pickle-5 codec (:func:`write`, :func:`read`,
+:func:`release`, :class:`SharedData`), :class:`SharedDict`, and housekeeping
+(:func:`list_blocks`, :func:`cleanup`, ``python -m shared_memory_array``).
+"""
+
+from ._array import SharedArray as SharedArray
+from ._array import SharedMemoryArray as SharedMemoryArray
+from ._codec import read as read
+from ._codec import release as release
+from ._codec import write as write
+from ._dict import SharedDict as SharedDict
+from ._dict import ZeroCopyDict as ZeroCopyDict
+from ._registry import BlockInfo as BlockInfo
+from ._registry import CleanupResult as CleanupResult
+from ._registry import cleanup as cleanup
+from ._registry import list_blocks as list_blocks
+from ._shared_data import SharedData as SharedData
+from .errors import AllocationError as AllocationError
+from .errors import BlockNotFoundError as BlockNotFoundError
+from .errors import LayoutError as LayoutError
+from .errors import SharedArrayError as SharedArrayError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocationError",
+    "BlockInfo",
+    "BlockNotFoundError",
+    "CleanupResult",
+    "LayoutError",
+    "SharedArray",
+    "SharedArrayError",
+    "SharedData",
+    "SharedDict",
+    "SharedMemoryArray",
+    "ZeroCopyDict",
+    "cleanup",
+    "list_blocks",
+    "read",
+    "release",
+    "write",
+]

@@ -1,0 +1,357 @@
+"""The self-describing header at the start of every block of this library.
+
+Any process can attach to a block by name alone because the block describes
+itself. This docstring is the format's specification.
+
+Format version 1
+----------------
+All integers little-endian. The fixed part is 72 bytes:
+
+======  ====  ===============  ===================================================
+offset  size  field            meaning
+======  ====  ===============  ===================================================
+0       8     magic            ``b"\\x93SMA\\r\\n\\x1a\\n"`` (PNG-style: catches text mangling)
+8       2     version          format version, 1
+10      2     kind             :class:`BlockKind`: 1 array, 2 codec, 3 dict
+12      2     flags            :class:`HeaderFlags` bits; unknown bits are rejected
+14      2     ndim             number of dimensions, 0 to :data:`MAX_NDIM`
+16      4     header_size      bytes of fixed + variable part, a multiple of 64
+20      4     checksum         CRC-32 of the first ``header_size`` bytes, this field as 0
+24      4     descr_len        bytes of the dtype description
+28      4     extra_len        bytes of kind-specific metadata
+32      4     creator_pid      pid of the creating process
+36      4     reserved         0
+40      8     creator_start    creator's start time (clock ticks since boot), 0 unknown
+48      8     generation       bumped each time the block's content is rewritten in place
+56      8     data_offset      start of the payload, a multiple of 64, >= header_size
+64      8     nbytes           logical payload bytes; data_offset + nbytes <= block size
+======  ====  ===============  ===================================================
+
+The variable part follows at offset 72: ``ndim`` int64 shape entries, ``ndim``
+int64 strides (bytes), the dtype as the ASCII ``repr`` of
+``numpy.lib.format.dtype_to_descr(dtype)`` (``descr_len`` bytes; empty when the
+kind has no dtype), then ``extra_len`` bytes that the block's kind defines
+(see the codec and dict modules). Zero padding up to ``header_size``.
+
+Validation (:func:`parse_header`, the one parser every reader uses) checks, and
+rejects with :class:`~shared_memory_array.LayoutError` quoting the bad value: the
+magic; the version; the size cap (:data:`MAX_HEADER_SIZE`); the checksum; the
+kind (when the caller expects one); unknown flags; the reserved field; that
+shape entries and strides are non-negative; that the dtype parses with numpy's
+own helpers and holds no Python objects; and that shape × strides, the payload
+and the header all fit inside the block. Nothing in a header is trusted before
+these checks, so random bytes, truncation and hostile values cannot cause a
+crash, a huge allocation, or a silent wrong answer.
+
+Version history: 1, the first.
+"""
+
+from __future__ import annotations
+
+import ast
+import enum
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+from numpy.lib.format import descr_to_dtype, dtype_to_descr
+
+from ._process import current_identity
+from .errors import LayoutError
+
+__all__ = [
+    "ALIGNMENT",
+    "FIXED_SIZE",
+    "MAGIC",
+    "VERSION",
+    "BlockKind",
+    "Header",
+    "HeaderFlags",
+    "align",
+    "encode_header",
+    "parse_header",
+    "peek_kind",
+]
+
+MAGIC: Final = b"\x93SMA\r\n\x1a\n"
+VERSION: Final = 1
+ALIGNMENT: Final = 64
+MAX_NDIM: Final = 64
+MAX_HEADER_SIZE: Final = 1 << 20
+MAX_DESCR_LEN: Final = 1 << 16
+
+_FIXED = struct.Struct("<8sHHHHIIIIIIQQQQ")
+FIXED_SIZE: Final = _FIXED.size  # 72
+_CHECKSUM_OFFSET: Final = 20
+
+
+class BlockKind(enum.IntEnum):
+    """What a block holds; stored in the header."""
+
+    ARRAY = 1
+    CODEC = 2
+    DICT = 3
+
+
+class HeaderFlags(enum.IntFlag):
+    """Header flag bits."""
+
+    NONE = 0
+    F_ORDER = 1  # the payload is laid out in Fortran order
+    READY = 2  # the creator finished writing the block
+
+
+_KNOWN_FLAGS: Final = int(HeaderFlags.F_ORDER | HeaderFlags.READY)
+
+
+def align(n: int, alignment: int = ALIGNMENT) -> int:
+    """Round ``n`` up to a multiple of ``alignment``."""
+    return -(-n // alignment) * alignment
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A decoded block header (see the module docstring for the layout).
+
+    Attributes mirror the fields of the format. ``dtype`` is ``None`` for kinds
+    that store no array layout.
+    """
+
+    kind: BlockKind
+    flags: HeaderFlags
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: np.dtype | None
+    data_offset: int
+    nbytes: int
+    creator_pid: int
+    creator_start: int
+    generation: int = 0
+    extra: bytes = b""
+    header_size: int = 0
+    version: int = VERSION
+
+    @property
+    def fortran_order(self) -> bool:
+        """Whether the payload is in Fortran (column-major) order."""
+        return bool(self.flags & HeaderFlags.F_ORDER)
+
+
+def encode_header(
+    kind: BlockKind,
+    *,
+    dtype: np.dtype | None = None,
+    shape: tuple[int, ...] = (),
+    strides: tuple[int, ...] = (),
+    nbytes: int = 0,
+    flags: HeaderFlags = HeaderFlags.READY,
+    generation: int = 0,
+    extra: bytes = b"",
+    creator: tuple[int, int] | None = None,
+) -> bytes:
+    """Return the header bytes (length = ``data_offset``, a multiple of 64).
+
+    The payload starts right after the returned bytes. The caller is trusted:
+    writers pass values they built themselves (readers go through
+    :func:`parse_header`).
+    """
+    descr = b"" if dtype is None else repr(dtype_to_descr(dtype)).encode("ascii")
+    variable = struct.pack(f"<{len(shape)}q{len(strides)}q", *shape, *strides)
+    header_size = align(FIXED_SIZE + len(variable) + len(descr) + len(extra))
+    pid, start = current_identity() if creator is None else creator
+    fixed = _FIXED.pack(
+        MAGIC,
+        VERSION,
+        int(kind),
+        int(flags),
+        len(shape),
+        header_size,
+        0,
+        len(descr),
+        len(extra),
+        pid,
+        0,
+        start,
+        generation,
+        header_size,
+        nbytes,
+    )
+    raw = bytearray(header_size)
+    body = fixed + variable + descr + extra
+    raw[: len(body)] = body
+    struct.pack_into("<I", raw, _CHECKSUM_OFFSET, zlib.crc32(raw))
+    return bytes(raw)
+
+
+def peek_kind(buf: memoryview | bytes) -> BlockKind | None:
+    """Return the block kind if ``buf`` starts with this library's magic, else ``None``.
+
+    Cheap and unvalidated: for listing only. Use :func:`parse_header` to read.
+    """
+    if len(buf) < FIXED_SIZE or bytes(buf[:8]) != MAGIC:
+        return None
+    (kind,) = struct.unpack_from("<H", buf, 10)
+    try:
+        return BlockKind(kind)
+    except ValueError:
+        return None
+
+
+def parse_header(
+    buf: memoryview | bytes,
+    *,
+    expected_kind: BlockKind | None = None,
+    name: str = "<block>",
+    verify_checksum: bool = True,
+) -> Header:
+    """Decode and validate the header at the start of ``buf`` (the whole block).
+
+    Parameters
+    ----------
+    buf
+        The block's bytes; ``len(buf)`` is taken as the block size.
+    expected_kind
+        Reject blocks of any other kind.
+    name
+        Used in error messages.
+    verify_checksum
+        Skip the CRC only on trusted fast paths (bounds are always checked).
+
+    Raises
+    ------
+    LayoutError
+        Anything is wrong; the message names the field and the bad value.
+    """
+    size = len(buf)
+    where = f"block {name!r}"
+    if size < FIXED_SIZE:
+        raise LayoutError(
+            f"{where} is {size} bytes, too short for a header ({FIXED_SIZE} bytes at least)"
+        )
+    (
+        magic,
+        version,
+        kind_value,
+        flags_value,
+        ndim,
+        header_size,
+        checksum,
+        descr_len,
+        extra_len,
+        pid,
+        reserved,
+        start,
+        generation,
+        data_offset,
+        nbytes,
+    ) = _FIXED.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise LayoutError(f"{where} has no shared_memory_array header (magic {magic!r})")
+    if version != VERSION:
+        raise LayoutError(f"{where} has header format version {version}; this library reads 1")
+    if not FIXED_SIZE <= header_size <= min(size, MAX_HEADER_SIZE) or header_size % ALIGNMENT:
+        raise LayoutError(f"{where}: header_size {header_size} is invalid for a {size}-byte block")
+    if verify_checksum:
+        raw = bytearray(buf[:header_size])
+        raw[_CHECKSUM_OFFSET : _CHECKSUM_OFFSET + 4] = b"\0\0\0\0"
+        actual = zlib.crc32(raw)
+        if actual != checksum:
+            raise LayoutError(
+                f"{where}: header checksum mismatch (stored {checksum:#010x}, "
+                f"computed {actual:#010x}); the header is corrupt"
+            )
+    try:
+        kind = BlockKind(kind_value)
+    except ValueError:
+        raise LayoutError(f"{where}: unknown block kind {kind_value}") from None
+    if expected_kind is not None and kind != expected_kind:
+        raise LayoutError(
+            f"{where} holds a block of kind {kind.name.lower()!r}, "
+            f"not {expected_kind.name.lower()!r}"
+        )
+    if flags_value & ~_KNOWN_FLAGS:
+        raise LayoutError(f"{where}: unknown header flags {flags_value:#x}")
+    if reserved:
+        raise LayoutError(f"{where}: reserved header field is {reserved}, expected 0")
+    if ndim > MAX_NDIM:
+        raise LayoutError(f"{where}: ndim {ndim} exceeds {MAX_NDIM}")
+    if descr_len > MAX_DESCR_LEN:
+        raise LayoutError(f"{where}: dtype description of {descr_len} bytes is too long")
+    variable_end = FIXED_SIZE + 16 * ndim + descr_len + extra_len
+    if variable_end > header_size:
+        raise LayoutError(
+            f"{where}: header fields need {variable_end} bytes but header_size is {header_size}"
+        )
+    if data_offset % ALIGNMENT or data_offset < header_size:
+        raise LayoutError(f"{where}: data_offset {data_offset} is invalid")
+    if data_offset + nbytes > size:
+        raise LayoutError(
+            f"{where}: payload of {nbytes} bytes at offset {data_offset} exceeds the "
+            f"{size}-byte block (truncated or shrunk?)"
+        )
+    dims = struct.unpack_from(f"<{2 * ndim}q", buf, FIXED_SIZE)
+    shape, strides = tuple(dims[:ndim]), tuple(dims[ndim:])
+    if any(d < 0 for d in shape):
+        raise LayoutError(f"{where}: negative dimension in shape {shape}")
+    if any(s < 0 for s in strides):
+        raise LayoutError(f"{where}: negative stride in strides {strides}")
+    descr_at = FIXED_SIZE + 16 * ndim
+    dtype = _parse_dtype(bytes(buf[descr_at : descr_at + descr_len]), where) if descr_len else None
+    if dtype is not None:
+        _check_extent(shape, strides, dtype.itemsize, nbytes, where)
+    elif ndim:
+        raise LayoutError(f"{where}: a shape {shape} without a dtype")
+    extra_at = descr_at + descr_len
+    return Header(
+        kind=kind,
+        flags=HeaderFlags(flags_value),
+        shape=shape,
+        strides=strides,
+        dtype=dtype,
+        data_offset=data_offset,
+        nbytes=nbytes,
+        creator_pid=pid,
+        creator_start=start,
+        generation=generation,
+        extra=bytes(buf[extra_at : extra_at + extra_len]),
+        header_size=header_size,
+        version=version,
+    )
+
+
+def _parse_dtype(text: bytes, where: str) -> np.dtype:
+    try:
+        descr = ast.literal_eval(text.decode("ascii"))
+        dtype = descr_to_dtype(descr)
+    except (
+        ValueError,
+        SyntaxError,
+        TypeError,
+        KeyError,
+        IndexError,
+        RecursionError,
+        MemoryError,
+        UnicodeDecodeError,
+        OverflowError,
+        AttributeError,
+    ) as exc:
+        raise LayoutError(f"{where}: unreadable dtype description {text[:80]!r}: {exc}") from None
+    if dtype.hasobject:
+        raise LayoutError(f"{where}: dtype {dtype} holds Python objects; refusing to map it")
+    return dtype
+
+
+def _check_extent(
+    shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, nbytes: int, where: str
+) -> None:
+    """Check that every element addressed by shape × strides lies inside ``nbytes``."""
+    if 0 in shape:
+        return
+    last = sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+    if last + itemsize > nbytes:
+        raise LayoutError(
+            f"{where}: shape {shape} with strides {strides} and itemsize {itemsize} "
+            f"addresses {last + itemsize} bytes, but the payload is {nbytes} bytes"
+        )
