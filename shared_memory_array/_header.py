@@ -72,6 +72,7 @@ __all__ = [
     "align",
     "encode_header",
     "parse_header",
+    "peek_creator",
     "peek_kind",
 ]
 
@@ -197,6 +198,18 @@ def peek_kind(buf: memoryview | bytes) -> BlockKind | None:
         return BlockKind(kind)
     except ValueError:
         return None
+
+
+def peek_creator(buf: memoryview | bytes) -> tuple[int, int] | None:
+    """Return the unvalidated ``(creator_pid, creator_start)`` if ``buf`` starts with the magic.
+
+    For ``cleanup`` only, to stay away from a block whose header a live creator
+    may be rewriting; never trust it for reading (use :func:`parse_header`).
+    """
+    if len(buf) < FIXED_SIZE or bytes(buf[:8]) != MAGIC:
+        return None
+    fields = _FIXED.unpack_from(buf, 0)
+    return fields[9], fields[11]
 
 
 def parse_header(
