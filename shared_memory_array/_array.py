@@ -1,12 +1,576 @@
-"""PLACEHOLDER: SharedArray (issue 2) is being written; replace this whole file."""
+"""SharedArray: one numpy array in one named shared-memory block.
+
+A block of kind ``array`` is ``[header][payload]``: the header (see ``_header``)
+records dtype, shape, strides and order, so :meth:`SharedArray.attach` needs
+only the name. The payload is C- or Fortran-contiguous and starts 64-byte
+aligned.
+
+Validation lives in one place, :meth:`ArrayLayout.parse`. The public
+constructors parse their arguments there and call the same private cores
+(``_create``, ``_attach``) that the ``_unsafe`` variants call directly with
+unvalidated arguments. The header itself is always checked for bounds, also by
+``attach_unsafe``: a wrong guess there would be a crash, not a wrong answer.
+
+Where the copies and page faults are
+------------------------------------
+* ``allocate``: no copy; pages are reserved (``posix_fallocate``) and mapped
+  up front (``MAP_POPULATE``), so first writes take no page faults.
+* ``copy``: exactly one copy, ``numpy.copyto`` from the source into the
+  populated block.
+* ``attach`` and ``as_array``: no copy and no page touched beyond the header:
+  O(1) whatever the size. The attaching process takes a minor fault per page
+  (the page is already in memory) on first access.
+"""
 
 from __future__ import annotations
 
-__all__ = ["SharedArray", "SharedMemoryArray"]
+import operator
+import os
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import managers
+from multiprocessing.managers import SharedMemoryManager
+from types import TracebackType
+from typing import Any, Literal, SupportsIndex, TypeAlias
+
+import numpy as np
+from numpy.typing import DTypeLike, NDArray
+from typing_extensions import Self
+
+from ._block import SharedBlock, unlink_block
+from ._header import BlockKind, Header, HeaderFlags, encode_header, parse_header
+from .errors import LayoutError
+
+__all__ = ["ArrayLayout", "SharedArray", "SharedMemoryArray", "parse_dtype", "parse_shape"]
+
+ShapeLike: TypeAlias = SupportsIndex | Iterable[SupportsIndex]
+OrderLike: TypeAlias = Literal["C", "F", "c", "f"]
+_MAX_NBYTES = (1 << 63) - 1
+
+
+def parse_shape(shape: ShapeLike) -> tuple[int, ...]:
+    """Normalise an int or an iterable of ints to a tuple of non-negative ints."""
+    if isinstance(shape, Iterable) and not isinstance(shape, (str, bytes)):
+        dims = tuple(operator.index(d) for d in shape)
+    else:
+        dims = (operator.index(shape),)  # type: ignore[arg-type]
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimensions are not allowed: shape {dims}")
+    if len(dims) > 64:
+        raise ValueError(f"at most 64 dimensions are supported, got {len(dims)}")
+    return dims
+
+
+def parse_dtype(dtype: DTypeLike) -> np.dtype[Any]:
+    """Normalise a dtype-like to a dtype that can live in shared memory."""
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError(
+            f"dtype {dt} holds Python objects, which cannot be shared between processes"
+        )
+    if dt.itemsize == 0:
+        raise ValueError(f"dtype {dt} has itemsize 0; give it a size")
+    return dt
+
+
+def _contiguous_strides(shape: tuple[int, ...], itemsize: int, fortran: bool) -> tuple[int, ...]:
+    """Strides numpy gives a contiguous array (zero-length dimensions count as 1)."""
+    strides = [0] * len(shape)
+    step = itemsize
+    for axis in range(len(shape)) if fortran else reversed(range(len(shape))):
+        strides[axis] = step
+        step *= max(shape[axis], 1)
+    return tuple(strides)
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayLayout:
+    """Shape, dtype and memory order of a contiguous array, normalised once.
+
+    Build it with :meth:`parse` (validates) or :meth:`of` (from an ndarray).
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    fortran_order: bool = False
+
+    @classmethod
+    def parse(cls, shape: ShapeLike, dtype: DTypeLike, order: str = "C") -> ArrayLayout:
+        """Validate and normalise user arguments: the one place arguments are checked.
+
+        Raises
+        ------
+        TypeError
+            ``shape`` is not an int or an iterable of ints, or ``dtype`` holds
+            Python objects (they cannot live in shared memory).
+        ValueError
+            A negative dimension, a zero-itemsize dtype, an unknown ``order``,
+            or a size that does not fit in 63 bits.
+        """
+        dims = parse_shape(shape)
+        dt = parse_dtype(dtype)
+        if order not in ("C", "F", "c", "f"):
+            raise ValueError(f"order must be 'C' or 'F', not {order!r}")
+        nbytes = dt.itemsize * int(np.prod(dims, dtype=object))
+        if nbytes > _MAX_NBYTES:
+            raise ValueError(f"array of shape {dims} and dtype {dt} is too big ({nbytes} bytes)")
+        return cls(dims, dt, order in ("F", "f") and len(dims) > 1)
+
+    @classmethod
+    def of(cls, array: NDArray[Any]) -> ArrayLayout:
+        """Layout for a contiguous copy of ``array``, keeping Fortran order if it has it."""
+        fortran = bool(array.flags.f_contiguous and not array.flags.c_contiguous)
+        return cls(tuple(array.shape), array.dtype, fortran)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the payload."""
+        return self.dtype.itemsize * int(np.prod(self.shape, dtype=object))
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Strides of the contiguous payload, in bytes."""
+        return _contiguous_strides(self.shape, self.dtype.itemsize, self.fortran_order)
+
+    @property
+    def order(self) -> Literal["C", "F"]:
+        """``"F"`` for Fortran order, else ``"C"``."""
+        return "F" if self.fortran_order else "C"
+
+    def header(self) -> bytes:
+        """Encode the block header for this layout."""
+        flags = HeaderFlags.READY | (HeaderFlags.F_ORDER if self.fortran_order else 0)
+        return encode_header(
+            BlockKind.ARRAY,
+            dtype=self.dtype,
+            shape=self.shape,
+            strides=self.strides,
+            nbytes=self.nbytes,
+            flags=HeaderFlags(flags),
+        )
+
+    @classmethod
+    def from_header(cls, header: Header, name: str) -> ArrayLayout:
+        """The layout a parsed array header describes; LayoutError if it is not one we write."""
+        if header.dtype is None:
+            raise LayoutError(f"array block {name!r} has no dtype in its header")
+        if header.dtype.itemsize == 0:
+            raise LayoutError(f"array block {name!r}: dtype {header.dtype} has itemsize 0")
+        layout = cls(header.shape, header.dtype, header.fortran_order)
+        if header.strides != layout.strides or header.nbytes != layout.nbytes:
+            raise LayoutError(
+                f"array block {name!r}: strides {header.strides} and nbytes {header.nbytes} "
+                f"are not those of a contiguous {layout.order}-order array of shape "
+                f"{layout.shape} and dtype {layout.dtype}"
+            )
+        return layout
+
+
+def _track_in_manager(manager: SharedMemoryManager, name: str) -> None:
+    """Have ``manager`` unlink block ``name`` when it shuts down.
+
+    Uses the same private channel as ``SharedMemoryManager.SharedMemory``
+    (``track_segment``), stable since Python 3.8.
+    """
+    with manager._Client(manager._address, authkey=manager._authkey) as conn:  # type: ignore[attr-defined]
+        managers.dispatch(conn, None, "track_segment", (name,))  # type: ignore[attr-defined]
+
+
+def _release_from_manager(manager: SharedMemoryManager, name: str) -> bool:
+    """Ask ``manager`` to unlink ``name`` and stop tracking it; ``False`` if it cannot."""
+    try:
+        with manager._Client(manager._address, authkey=manager._authkey) as conn:  # type: ignore[attr-defined]
+            managers.dispatch(conn, None, "release_segment", (name,))  # type: ignore[attr-defined]
+    except Exception:  # manager gone, or the block already gone: the caller unlinks
+        return False
+    return True
+
+
+def _unlink_owned(name: str, manager: SharedMemoryManager | None, creator_pid: int) -> None:
+    """Unlink an owner's block (run at most once, by ``weakref.finalize``)."""
+    if os.getpid() != creator_pid:
+        return  # a forked child's copy of the handle must not unlink its parent's block
+    if manager is None or not _release_from_manager(manager, name):
+        unlink_block(name)
+
+
+def _check_manager(manager: object) -> SharedMemoryManager | None:
+    if manager is None:
+        return None
+    if not isinstance(manager, SharedMemoryManager):
+        raise TypeError(
+            "manager must be a multiprocessing.managers.SharedMemoryManager or None, "
+            f"not {type(manager).__name__}"
+        )
+    if getattr(manager, "_address", None) is None:
+        raise ValueError("the SharedMemoryManager has not been started")
+    return manager
 
 
 class SharedArray:
-    pass
+    """A handle to one numpy array in a named shared-memory block.
+
+    Create one with :meth:`allocate`, :meth:`allocate_like` or :meth:`copy`
+    (this handle then owns the block), or :meth:`attach` to an existing block
+    by name. :meth:`as_array` returns a zero-copy view; writes through it are
+    seen by every process that maps the block.
+
+    The owner unlinks the block on :meth:`close` (or :meth:`unlink`, or on
+    leaving a ``with`` block), when the owner handle is garbage collected, and
+    at the latest when its process exits, like ``tempfile.NamedTemporaryFile``.
+    Views from :meth:`as_array` stay valid through all of these. With a
+    ``SharedMemoryManager``, the manager's shutdown also unlinks it. Handles
+    pickle as name and layout only and unpickle as non-owner attachments.
+
+    Examples
+    --------
+    >>> with SharedArray.allocate(None, (2, 3), "float32") as sa:
+    ...     sa.as_array()[:] = 1.0
+    ...     other = SharedArray.attach(sa.name)
+    ...     float(other.as_array().sum())
+    6.0
+    """
+
+    # Class-level defaults so close() works after a failed constructor.
+    _block: SharedBlock | None = None
+    _layout: ArrayLayout
+    _data_offset: int = 0
+    _owner: bool = False
+    _unlinker: weakref.finalize[..., None] | None = None
+    _name: str = ""
+
+    def __init__(self) -> None:
+        raise TypeError(
+            "use SharedArray.allocate(), .allocate_like(), .copy() or .attach() for a SharedArray"
+        )
+
+    # -- cores ---------------------------------------------------------------------------
+
+    @classmethod
+    def _create(
+        cls, manager: SharedMemoryManager | None, layout: ArrayLayout, source: Any = None
+    ) -> Self:
+        header = layout.header()
+        block = SharedBlock.create(len(header) + max(layout.nbytes, 1), populate=True)
+        self = object.__new__(cls)
+        self._block, self._layout, self._name = block, layout, block.name
+        self._data_offset, self._owner = len(header), True
+        try:
+            block.buf[: len(header)] = header
+            if source is not None:
+                np.copyto(self.as_array(), source, casting="no")
+            if manager is not None:
+                _track_in_manager(manager, block.name)
+            self._unlinker = weakref.finalize(self, _unlink_owned, block.name, manager, os.getpid())
+        except BaseException:
+            block.unlink()
+            self.close()
+            raise
+        return self
+
+    @classmethod
+    def _attach(
+        cls,
+        name: str,
+        *,
+        shape: tuple[int, ...] | None = None,
+        dtype: np.dtype[Any] | None = None,
+        fortran_order: bool | None = None,
+        verify_checksum: bool = True,
+    ) -> Self:
+        """Map block ``name``, parse its header, and compare whatever is not ``None``."""
+        block = SharedBlock.attach(name)
+        self = object.__new__(cls)
+        self._block, self._name = block, block.name
+        try:
+            if block.size == 0:
+                raise LayoutError(f"block {block.name!r} is empty (still being created?)")
+            header = parse_header(
+                block.buf,
+                expected_kind=BlockKind.ARRAY,
+                name=block.name,
+                verify_checksum=verify_checksum,
+            )
+            layout = self._layout = ArrayLayout.from_header(header, block.name)
+            self._data_offset = header.data_offset
+            if (
+                (shape is not None and shape != layout.shape)
+                or (dtype is not None and dtype != layout.dtype)
+                or (fortran_order is not None and fortran_order != layout.fortran_order)
+            ):
+                raise LayoutError(
+                    f"block {block.name!r} holds shape {layout.shape}, dtype {layout.dtype}, "
+                    f"order {layout.order}; the caller expected shape "
+                    f"{layout.shape if shape is None else shape}, dtype "
+                    f"{layout.dtype if dtype is None else dtype}"
+                )
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- constructors ----------------------------------------------------------------------
+
+    @classmethod
+    def allocate(
+        cls,
+        manager: SharedMemoryManager | None = None,
+        shape: ShapeLike | None = None,
+        dtype: DTypeLike = np.float64,
+        *,
+        order: OrderLike = "C",
+    ) -> Self:
+        """Create a zero-filled shared array.
+
+        Parameters
+        ----------
+        manager
+            A started ``SharedMemoryManager`` whose shutdown also unlinks the
+            block, or ``None``.
+        shape
+            An int or an iterable of ints (numpy integers included); ``()`` is 0-d.
+        dtype
+            Anything ``numpy.dtype()`` accepts, structured included; not object.
+        order
+            ``"C"`` (row-major, default) or ``"F"`` (column-major).
+
+        Raises
+        ------
+        TypeError, ValueError
+            Invalid shape, dtype or order (see :meth:`ArrayLayout.parse`).
+        AllocationError
+            The system cannot provide the memory.
+        """
+        if shape is None:
+            raise TypeError("allocate() needs a shape")
+        return cls._create(_check_manager(manager), ArrayLayout.parse(shape, dtype, order))
+
+    @classmethod
+    def allocate_unsafe(
+        cls,
+        manager: SharedMemoryManager | None = None,
+        shape: ShapeLike | None = None,
+        dtype: DTypeLike = np.float64,
+        *,
+        order: OrderLike = "C",
+    ) -> Self:
+        """:meth:`allocate` without argument validation; the caller guarantees them.
+
+        ``shape`` must be a tuple of non-negative ints and ``dtype`` a valid,
+        object-free dtype.
+        """
+        layout = ArrayLayout(tuple(shape), np.dtype(dtype), order == "F")  # type: ignore[arg-type]
+        return cls._create(manager, layout)
+
+    @classmethod
+    def allocate_like(cls, manager: SharedMemoryManager | None, template: NDArray[Any]) -> Self:
+        """Create a zero-filled shared array with the shape, dtype and order of ``template``."""
+        template = np.asarray(template)
+        return cls._create(
+            _check_manager(manager),
+            ArrayLayout.parse(template.shape, template.dtype, ArrayLayout.of(template).order),
+        )
+
+    @classmethod
+    def allocate_like_unsafe(
+        cls, manager: SharedMemoryManager | None, template: NDArray[Any]
+    ) -> Self:
+        """:meth:`allocate_like` without validation; ``template`` must be an ndarray."""
+        return cls._create(manager, ArrayLayout.of(template))
+
+    @classmethod
+    def copy(cls, manager: SharedMemoryManager | None, array: NDArray[Any]) -> Self:
+        """Create a shared array holding a copy of ``array`` (any array-like).
+
+        An F-contiguous source stays F-contiguous; any other non-contiguous
+        source (a slice, a transpose, a broadcast) is stored C-contiguous and
+        compares equal.
+        """
+        source = np.asarray(array)
+        layout = ArrayLayout.parse(source.shape, source.dtype, ArrayLayout.of(source).order)
+        return cls._create(_check_manager(manager), layout, source)
+
+    @classmethod
+    def copy_unsafe(cls, manager: SharedMemoryManager | None, array: NDArray[Any]) -> Self:
+        """:meth:`copy` without validation; ``array`` must be an object-free ndarray."""
+        return cls._create(manager, ArrayLayout.of(array), array)
+
+    @classmethod
+    def attach(
+        cls,
+        name: str,
+        shape: ShapeLike | None = None,
+        dtype: DTypeLike | None = None,
+    ) -> Self:
+        """Attach to an existing shared array by name; this handle does not own it.
+
+        Shape and dtype are read from the block's header. When given, they are
+        checked against it.
+
+        Raises
+        ------
+        BlockNotFoundError
+            No block of that name exists.
+        LayoutError
+            The header is corrupt, belongs to another kind of block, or
+            contradicts ``shape`` / ``dtype``.
+        """
+        return cls._attach(
+            name,
+            shape=None if shape is None else parse_shape(shape),
+            dtype=None if dtype is None else parse_dtype(dtype),
+        )
+
+    @classmethod
+    def attach_unsafe(
+        cls,
+        name: str,
+        shape: ShapeLike | None = None,
+        dtype: DTypeLike | None = None,
+    ) -> Self:
+        """:meth:`attach` without comparing ``shape``/``dtype`` and without the header CRC.
+
+        The header's bounds are still checked, so a bad block raises
+        :class:`LayoutError` rather than crashing.
+        """
+        return cls._attach(name, verify_checksum=False)
+
+    # -- instance API ----------------------------------------------------------------------
+
+    def as_array(self) -> NDArray[Any]:
+        """Return a zero-copy ndarray view of the shared data.
+
+        The view keeps the mapping alive on its own: it stays valid after
+        :meth:`close` and after the block is unlinked.
+
+        Raises
+        ------
+        ValueError
+            This handle is closed.
+        """
+        block = self._block
+        if block is None or block.closed:
+            raise ValueError(f"SharedArray {self._name!r} is closed")
+        layout = self._layout
+        # frombuffer holds a buffer export of the mapping, which is what keeps it alive
+        # (np.ndarray(buffer=...) would not, and would crash after close()).
+        flat = np.frombuffer(
+            block.buf,
+            dtype=layout.dtype,
+            count=layout.nbytes // layout.dtype.itemsize,
+            offset=self._data_offset,
+        )
+        return flat.reshape(layout.shape, order=layout.order)
+
+    @property
+    def name(self) -> str:
+        """Block name (no leading slash): pass it to :meth:`attach` in another process."""
+        return self._name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Array shape."""
+        return self._layout.shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """Array dtype."""
+        return self._layout.dtype
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Array strides in bytes (C- or Fortran-contiguous)."""
+        return self._layout.strides
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data (the block is larger by its header)."""
+        return self._layout.nbytes
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self._layout.shape)
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self._layout.shape, dtype=np.int64))
+
+    @property
+    def owner(self) -> bool:
+        """Whether this handle owns (and will unlink) the block, in this process."""
+        return self._owner and self._block is not None and self._block.created_here
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._block is None
+
+    def unlink(self) -> None:
+        """Remove the block's name now (owner or not); idempotent.
+
+        Existing mappings and views stay valid; no process can attach afterwards.
+        """
+        if self._unlinker is not None and self._unlinker.alive:
+            self._unlinker()  # the owner's way: through the manager if there is one
+        else:
+            unlink_block(self._name)
+
+    def close(self) -> None:
+        """Release this handle; the owner also unlinks the block. Idempotent.
+
+        Views returned by :meth:`as_array` stay valid.
+        """
+        if self.owner:
+            self.unlink()
+        block, self._block = self._block, None
+        if block is not None:
+            block.close()
+
+    @contextmanager
+    def managed(self) -> Iterator[Self]:
+        """Context manager yielding this handle and closing it on exit."""
+        try:
+            yield self
+        finally:
+            self.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as name and layout only; unpickles as a non-owner attachment."""
+        layout = self._layout
+        return (_unpickle, (self._name, layout.shape, layout.dtype, layout.fortran_order))
+
+    def __len__(self) -> int:
+        if not self._layout.shape:
+            raise TypeError("len() of a 0-d SharedArray")
+        return self._layout.shape[0]
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("owner" if self.owner else "attached")
+        return (
+            f"<SharedArray {self._name!r} shape={self._layout.shape} "
+            f"dtype={self._layout.dtype} order={self._layout.order} {state}>"
+        )
+
+
+def _unpickle(
+    name: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran_order: bool
+) -> SharedArray:
+    return SharedArray._attach(name, shape=shape, dtype=dtype, fortran_order=fortran_order)
 
 
 SharedMemoryArray = SharedArray

@@ -28,7 +28,7 @@ offset  size  field            meaning
 ======  ====  ===============  ===================================================
 
 The variable part follows at offset 72: ``ndim`` int64 shape entries, ``ndim``
-int64 strides (bytes), the dtype as the ASCII ``repr`` of
+int64 strides (bytes), the dtype as the UTF-8 ``repr`` of
 ``numpy.lib.format.dtype_to_descr(dtype)`` (``descr_len`` bytes; empty when the
 kind has no dtype), then ``extra_len`` bytes that the block's kind defines
 (see the codec and dict modules). Zero padding up to ``header_size``.
@@ -158,7 +158,7 @@ def encode_header(
     writers pass values they built themselves (readers go through
     :func:`parse_header`).
     """
-    descr = b"" if dtype is None else repr(dtype_to_descr(dtype)).encode("ascii")
+    descr = b"" if dtype is None else repr(dtype_to_descr(dtype)).encode("utf-8")
     variable = struct.pack(f"<{len(shape)}q{len(strides)}q", *shape, *strides)
     header_size = align(FIXED_SIZE + len(variable) + len(descr) + len(extra))
     pid, start = current_identity() if creator is None else creator
@@ -336,7 +336,7 @@ def parse_header(
 
 def _parse_dtype(text: bytes, where: str) -> np.dtype:
     try:
-        descr = ast.literal_eval(text.decode("ascii"))
+        descr = ast.literal_eval(text.decode("utf-8"))
         dtype = descr_to_dtype(descr)
     except (
         ValueError,
