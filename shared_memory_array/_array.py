@@ -238,7 +238,7 @@ class SharedArray:
     _layout: ArrayLayout
     _data_offset: int = 0
     _owner: bool = False
-    _unlinker: weakref.finalize[..., None] | None = None
+    _unlinker: weakref.finalize[..., SharedArray] | None = None
     _name: str = ""
 
     def __init__(self) -> None:
