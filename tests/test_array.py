@@ -53,9 +53,10 @@ def test_allocate_accepts_every_shape_like(shape: object, expected: tuple[int, .
 
 def test_allocate_positional_and_keyword_forms_agree() -> None:
     """allocate(manager, shape, dtype) and allocate(shape=..., dtype=...) build the same layout."""
-    with SharedArray.allocate(None, (3, 4), "float32") as a, SharedArray.allocate(
-        shape=(3, 4), dtype="float32"
-    ) as b:
+    with (
+        SharedArray.allocate(None, (3, 4), "float32") as a,
+        SharedArray.allocate(shape=(3, 4), dtype="float32") as b,
+    ):
         assert (a.shape, a.dtype, a.strides) == (b.shape, b.dtype, b.strides)
         assert a.nbytes == 48
 
@@ -89,7 +90,8 @@ def test_allocate_like_keeps_shape_dtype_and_order() -> None:
         arr = sa.as_array()
         assert arr.shape == (3, 4)
         assert arr.dtype == np.dtype(">i4")
-        assert arr.flags.f_contiguous and not arr.flags.c_contiguous
+        assert arr.flags.f_contiguous
+        assert not arr.flags.c_contiguous
         assert not arr.any()
 
 
@@ -136,7 +138,8 @@ def test_structured_zero_size_and_0d_arrays_round_trip() -> None:
             other = SharedArray.attach(sa.name)
             try:
                 got = other.as_array()
-                assert got.dtype == source.dtype and got.shape == source.shape
+                assert got.dtype == source.dtype
+                assert got.shape == source.shape
                 assert got.tobytes() == source.tobytes()
             finally:
                 other.close()
@@ -152,7 +155,8 @@ def test_attach_by_name_alone_reads_layout_from_header() -> None:
                 owner.dtype,
                 owner.strides,
             )
-            assert not client.owner and owner.owner
+            assert not client.owner
+            assert owner.owner
             client.as_array()[1, 4] = 77
             assert owner.as_array()[1, 4] == 77
         finally:
@@ -175,9 +179,11 @@ def test_attach_contradicting_header_raises_layout_error(
     shape: tuple[int, ...] | None, dtype: str | None
 ) -> None:
     """A shape or dtype the header contradicts raises LayoutError instead of mapping wrong bytes."""
-    with SharedArray.allocate(None, (10, 10), "float64") as owner:
-        with pytest.raises(LayoutError, match="holds shape \\(10, 10\\)"):
-            SharedArray.attach(owner.name, shape=shape, dtype=dtype)
+    with (
+        SharedArray.allocate(None, (10, 10), "float64") as owner,
+        pytest.raises(LayoutError, match="holds shape \\(10, 10\\)"),
+    ):
+        SharedArray.attach(owner.name, shape=shape, dtype=dtype)
 
 
 def test_attach_missing_block_raises_block_not_found() -> None:
@@ -261,9 +267,16 @@ def test_unlink_is_idempotent_and_keeps_the_mapping() -> None:
 
 def test_managed_and_with_close_on_exit() -> None:
     """managed() yields the handle and closes (and unlinks) it on exit, even on error."""
-    with pytest.raises(RuntimeError), SharedArray.allocate(None, 2).managed() as sa:
-        name = sa.name
-        raise RuntimeError
+    sa = SharedArray.allocate(None, 2)
+    name = sa.name
+
+    def fail_inside() -> None:
+        with sa.managed() as same:
+            assert same is sa
+            raise RuntimeError
+
+    with pytest.raises(RuntimeError):
+        fail_inside()
     assert sa.closed
     with pytest.raises(BlockNotFoundError):
         SharedArray.attach(name)

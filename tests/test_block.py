@@ -138,7 +138,7 @@ def test_readonly_attach_refuses_writes(block: SharedBlock) -> None:
 
 @linux_only
 def test_block_larger_than_dev_shm_raises_allocation_error() -> None:
-    """A block that cannot fit in /dev/shm fails at creation with AllocationError, leaving nothing."""
+    """A block that cannot fit in /dev/shm fails at once with AllocationError, leaving nothing."""
     fs = os.statvfs(SHM)
     if fs.f_blocks == 0:
         pytest.skip("/dev/shm has no size limit here")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from _header_tools import reseal, with_field
 from hypothesis import given
 from hypothesis import strategies as st
 
-from _header_tools import reseal, with_field
 from shared_memory_array import LayoutError
 from shared_memory_array._header import (
     ALIGNMENT,
@@ -28,7 +29,7 @@ from shared_memory_array.testing import dtypes, shapes
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-def _array_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:  # type: ignore[type-arg]
+def _array_header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
     strides = tuple(int(s) for s in np.empty(shape, dtype=dtype).strides)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     return encode_header(BlockKind.ARRAY, dtype=dtype, shape=shape, strides=strides, nbytes=nbytes)
@@ -39,7 +40,7 @@ def _block(header: bytes, nbytes: int) -> bytes:
 
 
 @given(dtypes(), shapes())
-def test_array_header_round_trips(dtype: np.dtype, shape: tuple[int, ...]) -> None:  # type: ignore[type-arg]
+def test_array_header_round_trips(dtype: np.dtype[Any], shape: tuple[int, ...]) -> None:
     """Every dtype (structured included) and shape survives encode -> parse unchanged."""
     header = _array_header(dtype, shape)
     assert len(header) % ALIGNMENT == 0
