@@ -1,9 +1,136 @@
-"""PLACEHOLDER: SharedData (issue 3) is being written; replace this whole file."""
+"""Broadcast: serialise one object once, let any number of processes load it by name.
+
+:class:`SharedData` writes its object into one codec block (the format of
+:mod:`shared_memory_array._codec`, generation 0, never reused) and unlinks it on
+exit from the ``with`` block. :meth:`SharedData.load` reads a block by name
+through the codec's reader, so numpy arrays are read-only zero-copy views, and
+caches the result per process.
+
+Cache hits after the block was unlinked: :meth:`SharedData.load` checks that the
+name still exists on every call (one ``stat`` of ``/dev/shm/<name>`` on Linux),
+drops the entry and raises :class:`~shared_memory_array.BlockNotFoundError` if
+it is gone, so every process sees the same answer for a finished broadcast.
+Objects already returned stay valid: their views keep the mapping alive.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+from types import TracebackType
+from typing import ClassVar
+
+from typing_extensions import Self
+
+from ._block import SharedBlock, normalize_name
+from ._codec import create_block, pickle_out_of_band, read_block
+from .errors import BlockNotFoundError
+
 __all__ = ["SharedData"]
+
+_SHM_DIR = "/dev/shm"
+
+
+def _block_exists(name: str) -> bool:
+    if os.path.isdir(_SHM_DIR):
+        return os.path.exists(os.path.join(_SHM_DIR, name))
+    try:  # pragma: no cover - platforms without /dev/shm
+        SharedBlock.attach(name).close()
+    except BlockNotFoundError:  # pragma: no cover
+        return False
+    return True  # pragma: no cover
 
 
 class SharedData:
-    pass
+    """One object serialised once into a shared-memory block, for many readers.
+
+    Parameters
+    ----------
+    obj
+        Any picklable object; numpy arrays in it are not pickled but copied
+        once into the block.
+
+    Attributes
+    ----------
+    name : str
+        The block's name: pass it to workers, which call :meth:`load`.
+    size : int
+        Size of the block in bytes.
+
+    Raises
+    ------
+    pickle.PicklingError
+        ``obj`` cannot be pickled (no block is created).
+    AllocationError
+        Shared memory is full.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> with SharedData(np.ones(4)) as sd:
+    ...     float(SharedData.load(sd.name).sum())
+    4.0
+    """
+
+    _cache: ClassVar[dict[str, object]] = {}
+    _cache_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    name: str
+    size: int
+
+    def __init__(self, obj: object) -> None:
+        block = create_block(pickle_out_of_band(obj))
+        block.close()  # the writer needs no mapping; the handle still unlinks
+        self._block = block
+        self.name = block.name
+        self.size = block.size
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.unlink()
+
+    def unlink(self) -> None:
+        """Remove the block now (idempotent); objects already loaded stay valid."""
+        self._block.unlink()
+        with self._cache_lock:
+            self._cache.pop(self.name, None)
+
+    @classmethod
+    def load(cls, name: str) -> object:
+        """Return the object in block ``name``, cached in this process after the first call.
+
+        Raises
+        ------
+        TypeError
+            ``name`` is not a str.
+        BlockNotFoundError
+            The block is gone (also for a name cached earlier).
+        LayoutError
+            ``name`` is not a codec block of this library, or is corrupt.
+        """
+        bare = normalize_name(name)
+        with cls._cache_lock:
+            if bare in cls._cache:
+                if _block_exists(bare):
+                    return cls._cache[bare]
+                del cls._cache[bare]
+                raise BlockNotFoundError(bare)
+        obj = read_block(bare, readonly=True)
+        with cls._cache_lock:
+            return cls._cache.setdefault(bare, obj)
+
+    @classmethod
+    def clear_cache(cls) -> None:
+        """Forget every object loaded in this process (their mappings go with their last use)."""
+        with cls._cache_lock:
+            cls._cache.clear()
+
+    def __repr__(self) -> str:
+        return f"<SharedData {self.name!r} {self.size} bytes>"
