@@ -1,0 +1,152 @@
+"""A re-entrant lock over one shared block, across threads and processes.
+
+:class:`BlockLock` combines a ``threading.RLock`` (threads of this process) with
+``flock(LOCK_EX)`` on a descriptor of the block (other processes). The kernel
+drops a ``flock`` when the last descriptor of its open file description is
+closed, which happens when the holding process dies, however it dies: a killed
+holder never deadlocks the others.
+
+``flock`` locks belong to an open file description, so two descriptions opened
+by one process would exclude each other. Hence there is ONE lock per block name
+per process (:meth:`BlockLock.for_block`), shared by every handle of the block
+in the process, with its own duplicated descriptor; re-entrancy works across
+handles. After ``fork`` the child gets a fresh thread lock and opens a new
+description, so parent and child exclude each other again.
+
+Requires ``fcntl.flock`` (Linux, macOS and other POSIX systems).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from types import TracebackType
+
+from ._block import SharedBlock
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+try:
+    import _posixshmem
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None  # type: ignore[assignment]
+
+__all__ = ["BlockLock"]
+
+_registry_lock = threading.Lock()
+_registry: dict[str, BlockLock] = {}
+
+
+class BlockLock:
+    """The process's re-entrant lock on the block ``name``.
+
+    Get it with :meth:`for_block`; give it back with :meth:`release_ref`.
+    """
+
+    __slots__ = ("_depth", "_fd", "_references", "_thread_lock", "name")
+
+    def __init__(self, name: str, fd: int) -> None:
+        self.name = name
+        self._fd = fd
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        self._references = 0
+
+    @classmethod
+    def for_block(cls, block: SharedBlock) -> BlockLock:
+        """Return this process's lock for ``block`` (opened with ``keep_fd=True``).
+
+        Raises
+        ------
+        NotImplementedError
+            The platform has no ``fcntl.flock``.
+        """
+        if fcntl is None:  # pragma: no cover - Windows
+            raise NotImplementedError("SharedDict needs fcntl.flock (a POSIX system)")
+        with _registry_lock:
+            lock = _registry.get(block.name)
+            if lock is None:
+                lock = cls(block.name, os.dup(block.fileno()))
+                _registry[block.name] = lock
+            lock._references += 1
+            return lock
+
+    def release_ref(self) -> None:
+        """Drop one handle's reference; the last one closes the descriptor."""
+        with _registry_lock:
+            self._references -= 1
+            if self._references > 0:
+                return
+            if _registry.get(self.name) is self:
+                del _registry[self.name]
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def acquire(self) -> bool:
+        """Take the lock (blocking); return ``True`` if this call took the file lock.
+
+        ``True`` means the outermost acquisition in this process: the caller is
+        the first to look at the shared state since another process may have
+        held it.
+        """
+        self._thread_lock.acquire()
+        self._depth += 1
+        if self._depth > 1:
+            return False
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._depth -= 1
+            self._thread_lock.release()
+            raise
+        return True
+
+    def release(self) -> None:
+        """Release one level of the lock; the outermost release drops the file lock."""
+        if self._depth == 1:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._depth -= 1
+        self._thread_lock.release()
+
+    @property
+    def held(self) -> bool:
+        """Whether some thread of this process holds the lock."""
+        return self._depth > 0
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def _reopen_after_fork(self) -> None:
+        self._thread_lock = threading.RLock()
+        self._depth = 0
+        if _posixshmem is None or self._fd < 0:  # pragma: no cover
+            return
+        try:
+            fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR, mode=0o600)
+        except OSError:
+            return  # unlinked meanwhile: keep the inherited description
+        os.close(self._fd)
+        self._fd = fd
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    for lock in list(_registry.values()):
+        lock._reopen_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
