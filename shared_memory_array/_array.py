@@ -24,6 +24,7 @@ Where the copies and page faults are
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import weakref
@@ -113,7 +114,7 @@ class ArrayLayout:
         dt = parse_dtype(dtype)
         if order not in ("C", "F", "c", "f"):
             raise ValueError(f"order must be 'C' or 'F', not {order!r}")
-        nbytes = dt.itemsize * int(np.prod(dims, dtype=object))
+        nbytes = dt.itemsize * math.prod(dims)
         if nbytes > _MAX_NBYTES:
             raise ValueError(f"array of shape {dims} and dtype {dt} is too big ({nbytes} bytes)")
         return cls(dims, dt, order in ("F", "f") and len(dims) > 1)
@@ -127,7 +128,7 @@ class ArrayLayout:
     @property
     def nbytes(self) -> int:
         """Bytes of the payload."""
-        return self.dtype.itemsize * int(np.prod(self.shape, dtype=object))
+        return self.dtype.itemsize * math.prod(self.shape)
 
     @property
     def strides(self) -> tuple[int, ...]:
@@ -497,7 +498,7 @@ class SharedArray:
     @property
     def size(self) -> int:
         """Number of elements."""
-        return int(np.prod(self._layout.shape, dtype=np.int64))
+        return math.prod(self._layout.shape)
 
     @property
     def owner(self) -> bool:

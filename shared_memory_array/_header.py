@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import ast
 import enum
+import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -336,8 +337,7 @@ def parse_header(
 
 def _parse_dtype(text: bytes, where: str) -> np.dtype:
     try:
-        descr = ast.literal_eval(text.decode("utf-8"))
-        dtype = descr_to_dtype(descr)
+        dtype = _dtype_from_descr(text)
     except (
         ValueError,
         SyntaxError,
@@ -354,6 +354,12 @@ def _parse_dtype(text: bytes, where: str) -> np.dtype:
     if dtype.hasobject:
         raise LayoutError(f"{where}: dtype {dtype} holds Python objects; refusing to map it")
     return dtype
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_from_descr(text: bytes) -> np.dtype:
+    # Cached: attach is on hot paths and dtypes are immutable; failures are not cached.
+    return descr_to_dtype(ast.literal_eval(text.decode("utf-8")))
 
 
 def _check_extent(
