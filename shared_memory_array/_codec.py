@@ -40,9 +40,10 @@ and raises :class:`~shared_memory_array.LayoutError` quoting the bad value.
 
 What comes back as a view
 -------------------------
-numpy arrays (of any layout: non-contiguous ones are made contiguous while
-pickling, so they come back C-contiguous) and ``PickleBuffer`` objects (as a flat
-``memoryview`` of their bytes) are views on the block, read-only unless
+numpy arrays (every layout and dtype except arrays of Python objects;
+non-contiguous ones are made contiguous while pickling, so they come back
+C-contiguous) and ``PickleBuffer`` objects (as a flat ``memoryview`` of their
+bytes) are views on the block, read-only unless
 ``readonly=False``; the read-only mapping (``PROT_READ``) means
 ``arr.setflags(write=True)`` fails. Everything else -- ``bytes``, ``bytearray``
 and ``str`` included -- is rebuilt by pickle, which copies it: CPython's pickler
@@ -50,7 +51,9 @@ always writes those in band. Their payloads are still copied only once on each
 side: large ones reach the block straight from the object, without an
 intermediate pickle string. Arrays of Python objects and ``ndarray`` subclasses
 are pickled as numpy pickles them. Beyond :data:`MAX_BUFFERS` buffers, the rest
-travel in band (as copies).
+travel in band (as copies). Arrays are reduced by this module (to
+``_rebuild_array``, a ``numpy.frombuffer`` view), not by numpy, which would
+copy non-contiguous and datetime arrays in band.
 
 Lifetime and reuse (steady state at memory speed)
 -------------------------------------------------
@@ -77,8 +80,11 @@ process that writes repeatedly reuses the memory of its own released blocks:
 * New blocks are created with ``posix_fallocate`` + ``MAP_POPULATE``, so even
   the first write takes no page faults while copying.
 * Without ``release`` a block lives until its writer exits (the block layer
-  unlinks what a process created at interpreter exit), never shorter because a
-  reader exited. A released block is unlinked (or pooled) at once when the
+  unlinks what a process created at interpreter exit; in multiprocessing
+  children, which skip ``atexit``, a multiprocessing finalizer does it), never
+  shorter because a reader exited. A writer killed by a signal (including
+  workers of a ``Pool`` left by ``terminate()``, which ``with Pool()`` does)
+  leaves its blocks to ``cleanup()``. A released block is unlinked (or pooled) at once when the
   writer itself releases it, otherwise at the writer's next :func:`write` or at
   its exit. The writer keeps at most :data:`MAX_MAPPED_LIVE` unreleased blocks
   mapped (each holds a descriptor); older ones are only unlinked when the
@@ -93,6 +99,7 @@ from __future__ import annotations
 
 import binascii
 import mmap
+import multiprocessing.util
 import os
 import pickle
 import re
@@ -170,17 +177,26 @@ class _Sink:
         self.write = write
 
 
+def _rebuild_array(
+    buffer: memoryview, dtype: np.dtype[Any], shape: tuple[int, ...], fortran_order: bool
+) -> np.ndarray[Any, Any]:
+    """Unpickle an array as a view on its out-of-band ``buffer`` (the reader's mapping)."""
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+
+
 class _Pickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
-        # numpy pickles non-contiguous arrays in band (a copy, rebuilt writable);
-        # made contiguous here they go out of band and come back as views.
-        if (
-            type(obj) is np.ndarray
-            and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
-            and not obj.dtype.hasobject
-        ):
-            return np.ascontiguousarray(obj).__reduce_ex__(5)
-        return NotImplemented
+        # numpy's own reduce pickles non-contiguous and datetime arrays in band
+        # (copies, rebuilt writable; datetimes lose their byte order): every
+        # plain array goes out of band here, made contiguous first if needed.
+        if type(obj) is not np.ndarray or obj.dtype.hasobject or obj.dtype.itemsize == 0:
+            return NotImplemented
+        fortran_order = obj.flags.f_contiguous and not obj.flags.c_contiguous
+        if not (fortran_order or obj.flags.c_contiguous):
+            obj = np.ascontiguousarray(obj)
+        # As bytes: not every dtype (datetimes, some structs) can export a buffer itself.
+        data = pickle.PickleBuffer(obj.ravel(order="K").view(np.uint8))
+        return _rebuild_array, (data, obj.dtype, obj.shape, fortran_order)
 
 
 def pickle_out_of_band(obj: object) -> _Pickled:
@@ -226,18 +242,21 @@ def _encode_table(spans: list[tuple[int, int]]) -> bytes:
 
 
 def _decode_table(
-    table: bytes | bytearray, payload_size: int, reserved: int, where: str
+    table: bytes | bytearray, payload_size: int, reserved: int, where: str, *, exact: bool
 ) -> list[tuple[int, int]]:
-    """Validate and decode a buffer table; every span must lie in ``[reserved, payload_size)``."""
+    """Validate and decode a buffer table; every span must lie in ``[reserved, payload_size)``.
+
+    ``exact``: the table must fill ``table`` (a header's ``extra``), not just start it.
+    """
     if len(table) < _COUNT.size:
         raise LayoutError(f"{where}: buffer table of {len(table)} bytes is too short")
     (count,) = _COUNT.unpack_from(table)
     if count > MAX_BUFFERS:
         raise LayoutError(f"{where}: buffer count {count} exceeds the limit of {MAX_BUFFERS}")
-    if len(table) < _table_size(count):
+    if len(table) < _table_size(count) or (exact and len(table) != _table_size(count)):
         raise LayoutError(
-            f"{where}: buffer table of {len(table)} bytes cannot hold {count} buffers "
-            f"({_table_size(count)} bytes)"
+            f"{where}: buffer table of {len(table)} bytes does not match its count of "
+            f"{count} buffers ({_table_size(count)} bytes)"
         )
     values = struct.unpack_from(f"<{2 * (count + 1)}Q", table, _COUNT.size)
     spans = list(zip(values[::2], values[1::2], strict=True))
@@ -297,7 +316,7 @@ def _read_inline(mode: str, payload: str, readonly: bool) -> object:
     if not readonly:
         data = bytearray(data)  # writable buffers for the arrays
     count = _COUNT.unpack_from(data)[0] if len(data) >= _COUNT.size else 0
-    spans = _decode_table(data, len(data), _table_size(count), where)
+    spans = _decode_table(data, len(data), _table_size(count), where, exact=False)
     return _unpickle(memoryview(data), spans, where)
 
 
@@ -434,7 +453,7 @@ def read_block(name: str, *, generation: int | None = None, readonly: bool = Tru
     block, header = _open_locked(name, generation, readonly=readonly)
     try:
         where = f"block {name!r}"
-        spans = _decode_table(header.extra, header.nbytes, _STATE_SIZE, where)
+        spans = _decode_table(header.extra, header.nbytes, _STATE_SIZE, where, exact=True)
         payload = block.buf[header.data_offset : header.data_offset + header.nbytes]
         return _unpickle(payload, spans, where)
     finally:
@@ -481,6 +500,7 @@ class _Writer:
         self._reset()
 
     def _reset(self) -> None:
+        self._exit_hook_pid = 0
         self._live: dict[str, _Written] = {}  # oldest first
         self._unmapped: dict[str, _Written] = {}  # live, no longer kept mapped here
         self._pool: dict[str, _Written] = {}  # released, mapped, oldest first
@@ -514,6 +534,7 @@ class _Writer:
             name = entry.block.name
             self._live[name] = entry
             self._limit_mapped()
+            self._hook_exit()
         return f"{TOKEN_PREFIX}{_MODE_SHARED}:{name}:{entry.generation:x}"
 
     def release(self, name: str, generation: int) -> bool:
@@ -535,6 +556,25 @@ class _Writer:
                 return True
             return name in self._pool  # a stale token of a pooled block: nothing to do
 
+    def drop_all(self) -> None:
+        """Unlink every block this process wrote and still tracks (tests; tokens then raise)."""
+        with self._lock:
+            for entry in (*self._live.values(), *self._unmapped.values(), *self._pool.values()):
+                entry.discard()
+            self._reset()
+
+    def pooled_names(self) -> list[str]:
+        """Names of the released blocks kept for reuse, oldest first."""
+        with self._lock:
+            return list(self._pool)
+
+    def _hook_exit(self) -> None:
+        # multiprocessing children end with os._exit: atexit (the block layer's
+        # unlink) never runs there, but multiprocessing's finalizers do.
+        if self._exit_hook_pid != os.getpid():
+            self._exit_hook_pid = os.getpid()
+            multiprocessing.util.Finalize(None, self.drop_all, exitpriority=0)
+
     def _collect_released(self) -> None:
         released = [name for name, entry in self._live.items() if entry.state() == _RELEASED]
         for name in released:
@@ -548,7 +588,7 @@ class _Writer:
         while self._pool and (
             len(self._pool) >= POOL_MAX_BLOCKS or self._pool_bytes + size > POOL_MAX_BYTES
         ):
-            self._drop_pooled(next(iter(self._pool)))
+            self._drop_pooled(next(iter(self._pool))).discard()
         self._pool[entry.block.name] = entry
         self._pool_bytes += size
 
