@@ -8,7 +8,8 @@ Layout of the block
 * The control area, eight uint64 words: the version (bumped by every
   mutation), the item count, the tombstone count, which of the two tables is
   active, the pid and start time of a process inside a mutation (0 when none),
-  the number of crash repairs, and a reserved word.
+  the number of crash repairs, and the heap offset of the journal of an
+  ``update`` in progress (0 when none).
 * Two hash tables of ``slot count`` uint64 slots each; one is active. A slot
   is 0 (empty), 1 (tombstone), or ``tag << 40 | entry offset``, where the tag
   is 24 bits of the key's hash. Open addressing with linear probing.
@@ -27,6 +28,9 @@ aligned 8-byte store into its slot, then frees the entry it replaced; table
 rebuilds fill the inactive table and switch to it with one store. So a table
 slot always points at a complete entry, and a process killed at any point
 leaves every key with either its old or its new value, never a torn one.
+``update`` is all-or-nothing even then: before changing a slot it appends the
+slot's old word to a journal in the heap, and until its commit point (one
+store clearing the journal's offset) a repair puts the old words back.
 
 What a crash can leave behind is heap bookkeeping in mid-update, a leaked entry
 and a wrong item count. The next process to take the lock sees the recorded pid
@@ -74,7 +78,7 @@ __all__ = ["SharedDict", "ZeroCopyDict"]
 
 _GEOMETRY = struct.Struct("<6Q")
 _CONTROL_WORDS: Final = 8
-_VERSION, _COUNT, _TOMBSTONES, _ACTIVE, _HOLDER_PID, _HOLDER_START, _REPAIRS = range(7)
+_VERSION, _COUNT, _TOMBSTONES, _ACTIVE, _HOLDER_PID, _HOLDER_START, _REPAIRS, _JOURNAL = range(8)
 _OFFSET_BITS: Final = 40
 _OFFSET_MASK: Final = (1 << _OFFSET_BITS) - 1
 _TAG_MASK: Final = ~_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF
@@ -425,8 +429,25 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
         """The mutation is complete: clear the in-progress record."""
         self._ctl[_HOLDER_PID] = 0
 
+    def _roll_back_journal(self) -> None:
+        """Undo the slot changes of an update that died before its commit point."""
+        ctl, words = self._ctl, self._words
+        journal = ctl[_JOURNAL]
+        ctl[_JOURNAL] = 0
+        if not self._heap_start < journal < self._heap_end or journal % 16:
+            return  # not a journal this code wrote: nothing trustworthy to undo
+        table = self._tables[ctl[_ACTIVE] & 1]
+        records = min(words[journal >> 3], (self._heap.payload_size(journal) - 8) // 16)
+        for record in reversed(range(records)):
+            at = (journal >> 3) + 1 + 2 * record
+            index, word = words[at], words[at + 1]
+            if index < self._slots:
+                table[index] = word
+
     def _repair(self) -> None:
         """Rebuild heap, counts and version after a process died mid-mutation."""
+        if self._ctl[_JOURNAL]:
+            self._roll_back_journal()
         table = self._tables[self._ctl[_ACTIVE] & 1]
         words = self._words
         live: dict[int, int] = {}  # entry offset -> slot index
@@ -536,11 +557,15 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
         ctl[_ACTIVE] = 1 - active
         ctl[_TOMBSTONES] = 0
 
-    def _put(self, encoded: bytes, key_hash: int, original: bytes, data: bytes) -> tuple[int, int]:
+    def _put(
+        self, encoded: bytes, key_hash: int, original: bytes, data: bytes, journal: int = 0
+    ) -> tuple[int, int]:
         """Write the entry and publish it; return ``(slot index, replaced word)``.
 
         The replaced entry (if the word is > 1) is NOT freed: the caller frees it
         once the whole operation has succeeded. On AllocationError nothing changed.
+        With a ``journal`` (an update in progress), the slot's old word is
+        appended to it before the slot changes, so a crash can be rolled back.
         """
         index, old_word, insert_at = self._probe(encoded, key_hash)
         ctl, words, buf = self._ctl, self._words, self._buf
@@ -574,6 +599,12 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
         buf[start : start + len(body)] = body
         table = self._tables[ctl[_ACTIVE] & 1]
         replaced = table[index]
+        if journal:
+            records = words[journal >> 3]
+            at = (journal >> 3) + 1 + 2 * records
+            words[at] = index
+            words[at + 1] = replaced
+            words[journal >> 3] = records + 1  # the record counts only once complete
         table[index] = (key_hash & 0xFFFFFF) << _OFFSET_BITS | entry  # publish: one store
         if not old_word:
             ctl[_COUNT] += 1
@@ -783,16 +814,24 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
                 )
             self._begin()
             if count + ctl[_TOMBSTONES] + len(new_keys) > self._fill_limit:
-                self._rebuild_table()
+                self._rebuild_table()  # now no _put below rebuilds: journal indices hold
             saved = (ctl[_COUNT], ctl[_TOMBSTONES])
             done: list[tuple[int, int]] = []
             try:
+                journal = self._heap.alloc(8 + 16 * len(items))
+                self._words[journal >> 3] = 0
+                ctl[_JOURNAL] = journal  # from here a crash rolls the whole update back
                 for encoded, key_hash, original, data in items:
-                    done.append(self._put(encoded, key_hash, original, data))
+                    done.append(self._put(encoded, key_hash, original, data, journal))
             except AllocationError:
                 self._roll_back(done, saved)
+                if ctl[_JOURNAL]:
+                    ctl[_JOURNAL] = 0
+                    self._heap.free(journal)
                 self._end()
                 raise
+            ctl[_JOURNAL] = 0  # commit point
+            self._heap.free(journal)
             for _, replaced in done:
                 if replaced > _TOMBSTONE:
                     self._heap.free(replaced & _OFFSET_MASK)

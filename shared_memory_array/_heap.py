@@ -148,6 +148,11 @@ class Heap:
 
     def _reset_blocks(self) -> None:
         """Empty every list and turn the whole region into one free block."""
+        self._reset_lists()
+        self._insert(self._first_block, self._end_block - self._first_block)
+
+    def _reset_lists(self) -> None:
+        """Empty every list, zero the counters, rewrite prologue and epilogue."""
         words, base = self._words, self._base
         for index in range(self._heads, self._heads + NUM_CLASSES):
             words[index] = 0
@@ -155,7 +160,6 @@ class Heap:
             words[base + field] = 0
         words[(self._first_block - 8) >> 3] = _ALLOCATED_BIT  # prologue
         words[self._end_block >> 3] = _ALLOCATED_BIT  # epilogue
-        self._insert(self._first_block, self._end_block - self._first_block)
 
     def _insert(self, block: int, size: int) -> None:
         """Tag ``block`` free and push it on its list."""
@@ -274,7 +278,8 @@ class Heap:
         Raises
         ------
         ValueError
-            ``payload`` is not an allocated block of this heap (e.g. freed twice).
+            ``payload`` is not an allocated block of this heap (e.g. freed twice,
+            detected on a best-effort basis: once reused, a block is allocated again).
         """
         block = payload - 8
         words = self._words
@@ -300,6 +305,7 @@ class Heap:
                 # Grow the free predecessor in place: it stays on its list.
                 words[start >> 3] = merged
                 words[(start + merged - 8) >> 3] = merged
+                words[block >> 3] = 0  # a stale "allocated" tag would let a double free pass
                 words[base + _FREE_BYTES] += size
                 return
             self._unlink(start, previous_tag)
@@ -349,9 +355,8 @@ class Heap:
             block, size = kept.pop()
             rejected.append(block + 8)
             cursor = kept[-1][0] + kept[-1][1] if kept else self._first_block
-        self._reset_blocks()
+        self._reset_lists()  # writes only meta and the two end tags: no payload bytes
         base = self._base
-        self._unlink(self._first_block, self._end_block - self._first_block)
         cursor = self._first_block
         for block, size in kept:
             if block > cursor:
