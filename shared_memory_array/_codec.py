@@ -77,8 +77,13 @@ process that writes repeatedly reuses the memory of its own released blocks:
   fails to take its shared lock (rewrite in progress) or sees another
   generation: it raises :class:`~shared_memory_array.BlockNotFoundError`, never
   returns another object's bytes. A live view is never overwritten.
-* New blocks are created with ``posix_fallocate`` + ``MAP_POPULATE``, so even
-  the first write takes no page faults while copying.
+* New blocks are reserved with ``posix_fallocate`` and filled with ``pwrite``
+  (pieces of 1 MiB and more), so a one-shot write never faults the pages into
+  the writer's mapping: measured here for 1 GB, 0.52 s against 0.83 s for
+  ``MAP_POPULATE`` + copy and 0.79 s for copying through a plain mapping. The
+  first *reuse* of a block faults the writer's mapping in once (about what
+  ``MAP_POPULATE`` would have cost at creation); every later reuse copies into
+  mapped pages at memcpy speed (77 ms/GB here, against 172 ms for ``pwrite``).
 * Without ``release`` a block lives until its writer exits (the block layer
   unlinks what a process created at interpreter exit; in multiprocessing
   children, which skip ``atexit``, a multiprocessing finalizer does it), never
@@ -147,6 +152,8 @@ _LIVE: Final = b"live\0\0\0\0"
 _RELEASED: Final = b"released"
 _COUNT: Final = struct.Struct("<I")
 _MAX_REUSE_WASTE: Final = 2  # reuse a pooled block at most this many times too big
+_PWRITE_MIN: Final = 1 << 20  # smaller pieces are copied through the mapping
+_HAVE_PWRITE = hasattr(os, "pwrite")
 
 
 # -- pickling ------------------------------------------------------------------------
@@ -270,14 +277,39 @@ def _decode_table(
     return spans
 
 
-def _fill(region: memoryview, pickled: _Pickled, spans: list[tuple[int, int]]) -> None:
-    """Copy stream and buffers into ``region`` at ``spans`` (the only copy of the data)."""
+def _fill(
+    region: memoryview,
+    pickled: _Pickled,
+    spans: list[tuple[int, int]],
+    *,
+    fd: int = -1,
+    fd_offset: int = 0,
+) -> None:
+    """Copy stream and buffers into ``region`` at ``spans`` (the only copy of the data).
+
+    With a descriptor ``fd`` of the file behind ``region`` (whose byte
+    ``fd_offset`` is ``region[0]``), large pieces go in by ``pwrite`` instead:
+    into pages this process has not mapped yet that skips a page fault per page.
+    """
+    pieces: list[tuple[int, bytes | bytearray | memoryview]] = []
     position = spans[0][0]
     for chunk in pickled.chunks:
-        region[position : position + len(chunk)] = chunk
+        pieces.append((position, chunk))
         position += len(chunk)
-    for (offset, length), buffer in zip(spans[1:], pickled.buffers, strict=True):
-        region[offset : offset + length] = buffer
+    for (offset, _), buffer in zip(spans[1:], pickled.buffers, strict=True):
+        pieces.append((offset, buffer))
+    for offset, piece in pieces:
+        if fd >= 0 and _HAVE_PWRITE and len(piece) >= _PWRITE_MIN:
+            _pwrite_all(fd, memoryview(piece), fd_offset + offset)
+        else:
+            region[offset : offset + len(piece)] = piece
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)  # may be short (Linux caps one call at ~2 GiB)
+        data = data[written:]
+        offset += written
 
 
 def _unpickle(payload: memoryview, spans: list[tuple[int, int]], where: str) -> object:
@@ -343,22 +375,28 @@ def _plan(pickled: _Pickled) -> _Layout:
     return _Layout(spans, extra, align(FIXED_SIZE + len(extra)), payload_size)
 
 
-def _store(block: SharedBlock, pickled: _Pickled, layout: _Layout, generation: int) -> None:
-    """Write payload, header and the ``live`` state word into ``block``."""
+def _store(
+    block: SharedBlock, pickled: _Pickled, layout: _Layout, generation: int, *, fd: int = -1
+) -> None:
+    """Write payload, header and the ``live`` state word into ``block`` (``fd``: see _fill)."""
     header = encode_header(
         BlockKind.CODEC, nbytes=layout.payload_size, generation=generation, extra=layout.extra
     )
     buf = block.buf
     region = buf[len(header) : len(header) + layout.payload_size]
-    _fill(region, pickled, layout.spans)
+    _fill(region, pickled, layout.spans, fd=fd, fd_offset=len(header))
     buf[: len(header)] = header
     region[: len(_LIVE)] = _LIVE
 
 
 def create_block(pickled: _Pickled, *, keep_fd: bool = False) -> SharedBlock:
-    """Create a new codec block holding ``pickled`` (generation 0), pages pre-faulted.
+    """Create a new codec block holding ``pickled`` (generation 0).
 
-    The caller owns the block (it is unlinked at exit unless unlinked before).
+    The data goes in with ``pwrite`` into the pages ``posix_fallocate`` reserved,
+    so this process never faults them into its mapping (measured on the
+    reference machine, 1 GB: 0.52 s, against 0.83 s with ``MAP_POPULATE`` and a
+    copy through the mapping). The caller owns the block (it is unlinked at exit
+    unless unlinked before).
 
     Raises
     ------
@@ -367,9 +405,11 @@ def create_block(pickled: _Pickled, *, keep_fd: bool = False) -> SharedBlock:
     """
     layout = _plan(pickled)
     size = align(layout.block_size, mmap.PAGESIZE)
-    block = SharedBlock.create(size, populate=True, keep_fd=keep_fd)
+    block = SharedBlock.create(size, keep_fd=True)
     try:
-        _store(block, pickled, layout, 0)
+        _store(block, pickled, layout, 0, fd=block.fileno())
+        if not keep_fd:
+            block.close_fd()
     except BaseException:
         block.close()
         block.unlink()
