@@ -6,6 +6,7 @@ import binascii
 import multiprocessing
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -570,6 +571,26 @@ def test_view_held_in_another_process_blocks_reuse() -> None:
     assert child.exitcode == 0
     reused = write(np.zeros(2000), threshold=SHARED)  # the child's mapping is gone now
     assert _block_name(reused) == _block_name(token)
+
+
+def test_sigkilled_reader_does_not_pin_the_block() -> None:
+    """A reader killed while holding a view loses its lock with it: the block is reused after."""
+    token = write(np.arange(3000, dtype="f8"), threshold=SHARED)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    done = context.Event()
+    child = context.Process(target=hold_view, args=(token, results, done))
+    child.start()
+    try:
+        assert results.get(timeout=TIMEOUT) == float(np.arange(3000).sum())
+        os.kill(child.pid or 0, signal.SIGKILL)
+        child.join(TIMEOUT)
+        assert child.exitcode == -signal.SIGKILL
+    finally:
+        if child.is_alive():
+            child.kill()
+    release(token)
+    assert _block_name(write(np.zeros(3000), threshold=SHARED)) == _block_name(token)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
