@@ -48,7 +48,11 @@ def create_blocks_then_wait(queue: Queue[dict[str, Any]], dict_name: str) -> Non
         sma.SharedArray.copy(None, np.arange(1000, dtype="f8")),
         sma.SharedArray.allocate(None, (30, 40), "f4"),
     ]
-    tokens = [sma.write(np.ones(5000, dtype="f8"), threshold=0) for _ in range(2)]
+    tokens: list[str] | None
+    try:
+        tokens = [sma.write(np.ones(5000, dtype="f8"), threshold=0) for _ in range(2)]
+    except NotImplementedError:  # the codec's placeholder: the test skips
+        tokens = None
     shared = sma.SharedDict.create(dict_name, max_items=64, heap_size=1 << 16)
     shared["answer"] = 42
     queue.put({"pid": os.getpid(), "arrays": [a.name for a in arrays], "tokens": tokens})
