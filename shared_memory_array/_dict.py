@@ -13,10 +13,12 @@ Layout of the block
 * Two hash tables of ``slot count`` uint64 slots each; one is active. A slot
   is 0 (empty), 1 (tombstone), or ``tag << 40 | entry offset``, where the tag
   is 24 bits of the key's hash. Open addressing with linear probing.
-* The heap (``_heap``), holding one entry per key: two words (key length |
-  original-key length << 32, value length), the canonical key bytes
+* The heap (``_heap``), holding one entry per key: three words (key length |
+  original-key length << 32; value state: which value area is current << 63 |
+  value length; two-areas flag << 63 | area capacity), the canonical key bytes
   (``_keys``), the key's pickle when the canonical form does not give it back
-  exactly (``True``, ``1.0``), and the value's pickle (protocol 5).
+  exactly (``True``, ``1.0``), and one value area, or two for values of up to
+  256 bytes, holding the value's pickle (protocol 5).
 
 Atomicity and crash safety
 --------------------------
@@ -24,8 +26,10 @@ Every operation runs under :class:`~shared_memory_array._lock.BlockLock`
 (``flock`` plus a thread lock); the kernel releases ``flock`` when its holder
 dies. A mutation first records its pid in the control area and bumps the
 version, then writes a new entry in free heap space, then publishes it with ONE
-aligned 8-byte store into its slot, then frees the entry it replaced; table
-rebuilds fill the inactive table and switch to it with one store. So a table
+aligned 8-byte store into its slot, then frees the entry it replaced. A small
+value replacing one of its size is written to the entry's spare value area and
+published by one 8-byte store to the entry's state word. Table rebuilds fill
+the inactive table and switch to it with one store. So a table
 slot always points at a complete entry, and a process killed at any point
 leaves every key with either its old or its new value, never a torn one.
 ``update`` is all-or-nothing even then: before changing a slot it appends the
@@ -49,6 +53,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import platform
 import re
 import struct
 import zlib
@@ -83,7 +88,10 @@ _OFFSET_BITS: Final = 40
 _OFFSET_MASK: Final = (1 << _OFFSET_BITS) - 1
 _TAG_MASK: Final = ~_OFFSET_MASK & 0xFFFFFFFFFFFFFFFF
 _TOMBSTONE: Final = 1
-_ENTRY_HEADER: Final = 16
+_ENTRY_HEADER: Final = 24
+_LOW63: Final = (1 << 63) - 1
+_HIGH_BIT: Final = 1 << 63
+_TWO_AREA_LIMIT: Final = 256  # values up to this size get two areas: updates in place
 _MAX_SLOTS: Final = 1 << 31
 _MIN_HEAP: Final = 4096
 _MAX_BLOCK: Final = 1 << _OFFSET_BITS
@@ -95,6 +103,12 @@ _CACHE_MAX_VALUE: Final = 4096
 _CACHEABLE_KEYS: Final = frozenset({str, int, bytes, float, bool, type(None)})
 _IMMUTABLE_VALUES: Final = frozenset({str, int, bytes, float, bool, complex, type(None)})
 _MISSING: Final = object()
+_dumps = pickle.dumps
+_loads = pickle.loads
+# x86 keeps loads in order and stores in order (TSO): the seqlock-style lock-free read
+# of _fetch is sound there. Elsewhere every read takes the lock.
+_LOCK_FREE_READS: Final = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
+_crc32 = zlib.crc32
 _identity = [current_identity()]  # (pid, start time), refreshed in a forked child
 
 
@@ -402,11 +416,15 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
     def _acquire(self) -> None:
         """Take the lock; the first taker after a crashed mutation repairs the dict."""
         if self._lock.acquire() and self._ctl[_HOLDER_PID]:
-            try:
-                self._repair()
-            except BaseException:
-                self._lock.release()
-                raise
+            self._repair_holding()
+
+    def _repair_holding(self) -> None:
+        """Repair with the lock just taken; release it if the repair fails."""
+        try:
+            self._repair()
+        except BaseException:
+            self._lock.release()
+            raise
 
     def _begin(self) -> None:
         """Record a mutation in progress (lock held) and bump the version.
@@ -466,9 +484,12 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
             table[live.pop(entry)] = _TOMBSTONE
             tombstones += 1
         for entry, index in list(live.items()):
-            sizes = words[entry >> 3]
-            needed = _ENTRY_HEADER + (sizes & 0xFFFFFFFF) + (sizes >> 32) + words[(entry >> 3) + 1]
-            if needed > self._heap.payload_size(entry):
+            at = entry >> 3
+            sizes, length, capacity = words[at], words[at + 1] & _LOW63, words[at + 2]
+            areas = 2 if capacity & _HIGH_BIT else 1
+            capacity &= _LOW63
+            needed = _ENTRY_HEADER + (sizes & 0xFFFFFFFF) + (sizes >> 32) + areas * capacity
+            if length > capacity or needed > self._heap.payload_size(entry):
                 self._heap.free(entry)
                 table[index] = _TOMBSTONE
                 tombstones += 1
@@ -524,9 +545,12 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
 
     def _entry_value(self, entry: int) -> memoryview:
         words = self._words
-        sizes = words[entry >> 3]
+        at = entry >> 3
+        sizes, state = words[at], words[at + 1]
         start = entry + _ENTRY_HEADER + (sizes & 0xFFFFFFFF) + (sizes >> 32)
-        return self._buf[start : start + words[(entry >> 3) + 1]]
+        if state & _HIGH_BIT:  # the second value area is the current one
+            start += words[at + 2] & _LOW63
+        return self._buf[start : start + (state & _LOW63)]
 
     def _entry_key(self, entry: int) -> object:
         sizes = self._words[entry >> 3]
@@ -560,18 +584,33 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
     def _put(
         self, encoded: bytes, key_hash: int, original: bytes, data: bytes, journal: int = 0
     ) -> tuple[int, int]:
-        """Write the entry and publish it; return ``(slot index, replaced word)``.
+        """Store the value and publish it; return ``(slot index, replaced word)``.
 
-        The replaced entry (if the word is > 1) is NOT freed: the caller frees it
-        once the whole operation has succeeded. On AllocationError nothing changed.
-        With a ``journal`` (an update in progress), the slot's old word is
-        appended to it before the slot changes, so a crash can be rolled back.
+        An existing key whose entry has a spare value area large enough is
+        updated in place: the value goes to the spare area, then one store to
+        the entry's state word switches areas (``replaced`` is 0 then). Else a
+        new entry is written and published with one store to the slot; the
+        replaced entry (word > 1) is NOT freed: the caller frees it once the
+        whole operation has succeeded. On AllocationError nothing changed.
+        With a ``journal`` (an update in progress), nothing is done in place
+        and the slot's old word is appended to the journal before the slot
+        changes, so a crash can be rolled back.
         """
         index, old_word, insert_at = self._probe(encoded, key_hash)
         ctl, words, buf = self._ctl, self._words, self._buf
         if index >= 0:
             old_entry = old_word & _OFFSET_MASK
-            sizes = words[old_entry >> 3]
+            at = old_entry >> 3
+            sizes = words[at]
+            capacity = words[at + 2]
+            if not journal and capacity & _HIGH_BIT and len(data) <= capacity & _LOW63:
+                state = words[at + 1]
+                start = old_entry + _ENTRY_HEADER + (sizes & 0xFFFFFFFF) + (sizes >> 32)
+                if not state & _HIGH_BIT:
+                    start += capacity & _LOW63
+                buf[start : start + len(data)] = data
+                words[at + 1] = (~state & _HIGH_BIT) | len(data)  # publish: one store
+                return index, 0
             if sizes >> 32:  # keep the key as first inserted, as a dict does
                 start = old_entry + _ENTRY_HEADER + (sizes & 0xFFFFFFFF)
                 original = bytes(buf[start : start + (sizes >> 32)])
@@ -589,11 +628,20 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
                 self._rebuild_table()
                 _, _, insert_at = self._probe(encoded, key_hash)
             index = insert_at
-        key_length, original_length = len(encoded), len(original)
-        entry = self._heap.alloc(_ENTRY_HEADER + key_length + original_length + len(data))
+        key_length, original_length, length = len(encoded), len(original), len(data)
+        if length <= _TWO_AREA_LIMIT:
+            capacity = (length + (length >> 2) + 7) & ~7  # room to grow a little
+            if capacity < 16:
+                capacity = 16
+            areas = _HIGH_BIT | capacity
+            capacity *= 2
+        else:
+            areas = capacity = length
+        entry = self._heap.alloc(_ENTRY_HEADER + key_length + original_length + capacity)
         at = entry >> 3
         words[at] = key_length | original_length << 32
-        words[at + 1] = len(data)
+        words[at + 1] = length
+        words[at + 2] = areas
         start = entry + _ENTRY_HEADER
         body = encoded + original + data
         buf[start : start + len(body)] = body
@@ -645,14 +693,47 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
         else:
             cache.pop(key, None)
 
-    def _sync_cache(self) -> None:
-        """Drop the cache if the dict changed since it was filled (lock held)."""
-        version = self._ctl[_VERSION]
-        if version != self._cache_version:
-            self._cache.clear()
-            self._cache_version = version
-
     # -- the mapping -------------------------------------------------------------------
+
+    def _fetch(self, encoded: bytes, key_hash: int) -> tuple[int, bytes | None]:
+        """Return ``(version, value pickle or None if absent)``, one consistent snapshot.
+
+        On x86 (whose loads and stores are not reordered with each other) the
+        table is first read without the lock, seqlock-style: the read counts
+        if no mutation was in progress at its start and the version did not
+        move by its end. Otherwise, or if the read raced a writer, it is
+        repeated under the lock. The value is copied out before it is checked
+        and unpickled only after, so a torn read is never unpickled.
+        """
+        if _LOCK_FREE_READS:
+            ctl = self._ctl
+            version = ctl[_VERSION]
+            if not ctl[_HOLDER_PID]:
+                try:
+                    index, word, _ = self._probe(encoded, key_hash)
+                    data = bytes(self._entry_value(word & _OFFSET_MASK)) if index >= 0 else None
+                except (IndexError, LayoutError):  # read a structure being changed
+                    pass
+                else:
+                    if ctl[_VERSION] == version:
+                        return version, data
+        self._acquire()
+        try:
+            index, word, _ = self._probe(encoded, key_hash)
+            data = bytes(self._entry_value(word & _OFFSET_MASK)) if index >= 0 else None
+            return self._ctl[_VERSION], data
+        finally:
+            self._lock.release()
+
+    def _remember_at(self, version: int, key: object, value: object, data: bytes) -> None:
+        """Cache what was read at ``version`` if the dict is still at that version."""
+        with self._lock.thread_lock:  # excludes this process's writers, who update the cache
+            if self._ctl[_VERSION] != version:
+                return
+            if self._cache_version != version:
+                self._cache.clear()
+                self._cache_version = version
+            self._remember(key, value, data)
 
     def __getitem__(self, key: object) -> Any:
         cacheable = type(key) in _CACHEABLE_KEYS
@@ -662,27 +743,17 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
                 if hit is _ABSENT:
                     raise KeyError(key)
                 if type(hit) is _Pickled:
-                    return pickle.loads(hit)
+                    return _loads(hit)
                 return hit
         encoded, _ = encode_key(key)
-        key_hash = zlib.crc32(encoded)
-        self._acquire()
-        try:
-            self._sync_cache()
-            index, word, _ = self._probe(encoded, key_hash)
-            if index < 0:
-                if cacheable:
-                    self._remember(key, _ABSENT, b"")
-                raise KeyError(key)
-            data = self._entry_value(word & _OFFSET_MASK)
-            try:
-                value = pickle.loads(data)
-                if cacheable:
-                    self._remember(key, value, data)
-            finally:
-                data.release()
-        finally:
-            self._lock.release()
+        version, data = self._fetch(encoded, _crc32(encoded))
+        if data is None:
+            if cacheable:
+                self._remember_at(version, key, _ABSENT, b"")
+            raise KeyError(key)
+        value = _loads(data)
+        if cacheable:
+            self._remember_at(version, key, value, data)
         return value
 
     def __contains__(self, key: object) -> bool:
@@ -695,19 +766,18 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
             encoded, _ = encode_key(key)
         except TypeError:
             return False  # unhashable: in no dict
-        key_hash = zlib.crc32(encoded)
-        self._acquire()
-        try:
-            return self._probe(encoded, key_hash)[0] >= 0
-        finally:
-            self._lock.release()
+        version, data = self._fetch(encoded, _crc32(encoded))
+        if data is None and cacheable:
+            self._remember_at(version, key, _ABSENT, b"")
+        return data is not None
 
     def __setitem__(self, key: object, value: object) -> None:
         encoded, exact = encode_key(key)
-        data = pickle.dumps(value, protocol=_PICKLE_PROTOCOL)
-        original = b"" if exact else pickle.dumps(key, protocol=_PICKLE_PROTOCOL)
-        key_hash = zlib.crc32(encoded)
-        self._acquire()
+        data = _dumps(value, _PICKLE_PROTOCOL)
+        original = b"" if exact else _dumps(key, _PICKLE_PROTOCOL)
+        key_hash = _crc32(encoded)
+        if self._lock.acquire() and self._ctl[_HOLDER_PID]:
+            self._repair_holding()
         try:
             self._begin()
             try:

@@ -123,6 +123,9 @@ def encode_key(key: object) -> tuple[bytes, bool]:
     ValueError
         ``key`` nests tuples or frozensets more than 100 levels deep.
     """
+    kind = type(key)
+    if kind is str:  # the common case, without a second call
+        return b"S" + key.encode("utf-8", "surrogatepass"), True  # type: ignore[attr-defined]
     return _encode(key, 0)
 
 

@@ -113,6 +113,11 @@ class BlockLock:
         self._thread_lock.release()
 
     @property
+    def thread_lock(self) -> threading.RLock:
+        """The in-process part alone: excludes this process's other threads, no file lock."""
+        return self._thread_lock
+
+    @property
     def held(self) -> bool:
         """Whether some thread of this process holds the lock."""
         return self._depth > 0

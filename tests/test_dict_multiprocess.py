@@ -142,6 +142,28 @@ def test_writer_killed_at_random_points_leaves_readable_dict(shared: SharedDict)
         shared._check()
 
 
+def test_reader_racing_a_writer_never_sees_torn_values(shared: SharedDict) -> None:
+    """Reads concurrent with another process's writes always return a complete value."""
+    ready = spawn.Event()
+    child = spawn.Process(target=write_forever, args=(shared.name, ready))
+    child.start()
+    try:
+        assert ready.wait(TIMEOUT)
+        seen = set()
+        for attempt in range(200_000):
+            slot = attempt % 20
+            round_number, data = shared[f"k{slot}"]
+            assert data == bytes([slot % 256]) * ((round_number * 7 + slot * 13) % 900)
+            seen.add(round_number)
+            assert f"u{slot % 5}" in shared
+            if len(seen) > 20:
+                break
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        child.join(TIMEOUT)
+    assert len(seen) > 20  # the writer really was writing meanwhile
+
+
 def test_writes_are_seen_by_other_processes(shared: SharedDict) -> None:
     """Values written in children are read by the parent right after the children finish."""
     shared["n"] = 10
