@@ -5,6 +5,8 @@ Importable under ``spawn`` (the crash child) and runnable as a script:
 * ``python _children_registry.py templates`` creates one genuine block of each
   kind through the public API, prints them as JSON (name, bytes, the argument
   each entry point takes) and exits, so its blocks go with it;
+* ``python _children_registry.py cli-scoped NAME,NAME... ARGS`` runs the CLI
+  with its scan limited to those blocks;
 * ``python _children_registry.py run`` reads hostile cases (JSON) on stdin,
   tries every entry point that reads a block on each, and prints one JSON
   result per case and entry point. A crash shows as a negative exit status in
@@ -31,6 +33,7 @@ import numpy as np
 
 import shared_memory_array as sma
 from shared_memory_array import __main__ as cli
+from shared_memory_array import _registry
 from shared_memory_array._block import SharedBlock
 
 ADDRESS_SPACE_HEADROOM = 1 << 30  # a hostile header must not get the reader to map or allocate more
@@ -228,12 +231,19 @@ def main(argv: list[str]) -> int:
     if argv == ["templates"]:
         json.dump(make_templates(), sys.stdout)
         return 0
+    if argv[:1] == ["cli-scoped"]:
+        # The CLI with its scan limited to the named blocks: a real cleanup in a
+        # test must not touch other processes' orphans on a shared machine.
+        scope = set(argv[1].split(","))
+        real_scan = _registry._block_names
+        _registry._block_names = lambda: [name for name in real_scan() if name in scope]
+        return cli.main(argv[2:])
     if argv == ["run"]:
         cases = json.load(sys.stdin)
         _cap_address_space()
         json.dump(run_cases(cases), sys.stdout)
         return 0
-    sys.stderr.write("usage: _children_registry.py templates|run\n")
+    sys.stderr.write("usage: _children_registry.py templates|run|cli-scoped NAMES ARGS...\n")
     return 2
 
 
