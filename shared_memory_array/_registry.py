@@ -229,6 +229,8 @@ def _fd_stat(block: SharedBlock) -> os.stat_result | None:
 def describe_block(name: str) -> tuple[BlockInfo, Header | None]:
     """Return the :class:`BlockInfo` of block ``name`` and its header (``None`` if unreadable).
 
+    ``name`` may omit the ``sma_`` prefix, as the names given to ``SharedDict.create`` do.
+
     Raises
     ------
     TypeError
@@ -236,7 +238,16 @@ def describe_block(name: str) -> tuple[BlockInfo, Header | None]:
     BlockNotFoundError
         No block of that name exists.
     """
-    probe = _probe(normalize_name(name))
+    bare = normalize_name(name)
+    try:
+        probe = _probe(bare)
+    except BlockNotFoundError:
+        if bare.startswith(PREFIX):
+            raise
+        try:  # a short name, as SharedDict.create takes it
+            probe = _probe(PREFIX + bare)
+        except BlockNotFoundError:
+            raise BlockNotFoundError(bare) from None
     return probe.info, probe.header
 
 

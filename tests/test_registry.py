@@ -191,15 +191,17 @@ def test_unrestricted_scan_dry_run_touches_nothing() -> None:
         mine.close()
 
 
-def test_describe_block_accepts_a_leading_slash(make_block: MakeBlock) -> None:
-    """describe_block reads one block by name, slash or not, and says when it does not exist."""
+def test_describe_block_accepts_slash_and_short_names(make_block: MakeBlock) -> None:
+    """describe_block takes a name with a slash or without the prefix; absent names raise."""
     block = make_block(BlockKind.ARRAY)
     info, header = _registry.describe_block("/" + block.name)
     assert info.name == block.name
     assert header is not None
     assert header.shape == (3, 4)
-    with pytest.raises(sma.BlockNotFoundError):
-        _registry.describe_block(PREFIX + "does_not_exist")
+    short_info, _ = _registry.describe_block(block.name[len(PREFIX) :])
+    assert short_info.name == block.name
+    with pytest.raises(sma.BlockNotFoundError, match="'does_not_exist'"):
+        _registry.describe_block("does_not_exist")
     with pytest.raises(TypeError):
         _registry.describe_block(42)  # type: ignore[arg-type]
 
