@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -11,6 +12,7 @@ import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -547,27 +549,35 @@ def test_release_from_another_process_lets_the_writer_reuse_the_block() -> None:
     assert _block_name(again) == _block_name(token)
 
 
-def test_view_held_in_another_process_blocks_reuse() -> None:
-    """While a child holds a view, a released block is not reused and the child's data stays."""
-    data = np.arange(2000, dtype="f8")
-    token = write(data, threshold=SHARED)
+@contextlib.contextmanager
+def _child_holding_view(token: str) -> Iterator[tuple[BaseProcess, Any, Any]]:
+    """A spawn child that reads ``token`` and holds the view until the event is set."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     done = context.Event()
     child = context.Process(target=hold_view, args=(token, results, done))
     child.start()
     try:
+        yield child, results, done
+    finally:
+        if child.is_alive():  # Event.set waits for every waiter, a killed one never answers
+            done.set()
+        child.join(TIMEOUT)
+        if child.is_alive():
+            child.kill()
+
+
+def test_view_held_in_another_process_blocks_reuse() -> None:
+    """While a child holds a view, a released block is not reused and the child's data stays."""
+    data = np.arange(2000, dtype="f8")
+    token = write(data, threshold=SHARED)
+    with _child_holding_view(token) as (child, results, done):
         assert results.get(timeout=TIMEOUT) == float(data.sum())
         release(token)
         other = write(np.full(2000, -1.0), threshold=SHARED)
         assert _block_name(other) != _block_name(token)
         done.set()
         assert results.get(timeout=TIMEOUT) == float(data.sum())
-    finally:
-        done.set()
-        child.join(TIMEOUT)
-        if child.is_alive():
-            child.kill()
     assert child.exitcode == 0
     reused = write(np.zeros(2000), threshold=SHARED)  # the child's mapping is gone now
     assert _block_name(reused) == _block_name(token)
@@ -576,19 +586,11 @@ def test_view_held_in_another_process_blocks_reuse() -> None:
 def test_sigkilled_reader_does_not_pin_the_block() -> None:
     """A reader killed while holding a view loses its lock with it: the block is reused after."""
     token = write(np.arange(3000, dtype="f8"), threshold=SHARED)
-    context = multiprocessing.get_context("spawn")
-    results = context.Queue()
-    done = context.Event()
-    child = context.Process(target=hold_view, args=(token, results, done))
-    child.start()
-    try:
+    with _child_holding_view(token) as (child, results, _):
         assert results.get(timeout=TIMEOUT) == float(np.arange(3000).sum())
         os.kill(child.pid or 0, signal.SIGKILL)
         child.join(TIMEOUT)
-        assert child.exitcode == -signal.SIGKILL
-    finally:
-        if child.is_alive():
-            child.kill()
+    assert child.exitcode == -signal.SIGKILL
     release(token)
     assert _block_name(write(np.zeros(3000), threshold=SHARED)) == _block_name(token)
 
