@@ -69,16 +69,17 @@ process that writes repeatedly reuses the memory of its own released blocks:
 * ``release(token)`` -- from any process -- checks the generation and sets the
   state word to ``released`` under a shared lock. Nothing else changes the
   payload of a live block.
-* The writer keeps the blocks it wrote mapped (already faulted in). At its
-  next write it moves released ones to a small pool (at most
-  :data:`POOL_MAX_BLOCKS` blocks and :data:`POOL_MAX_BYTES` bytes, the rest are
-  unlinked), and reuses one that is big enough, but at most twice too big,
-  only after ``flock(LOCK_EX | LOCK_NB)`` succeeds on it: proof that no
-  process maps it any more. It rewrites payload and header, with the
-  generation bumped, under that lock. A reader holding an old token either
-  fails to take its shared lock (rewrite in progress) or sees another
-  generation: it raises :class:`~shared_memory_array.BlockNotFoundError`, never
-  returns another object's bytes. A live view is never overwritten.
+* The writer keeps its own mapping and descriptor of each block it wrote. At
+  its next write it moves released ones to a small pool (at most
+  :data:`POOL_MAX_BLOCKS` blocks and :data:`POOL_MAX_BYTES` bytes: 2 GiB, or an
+  eighth of /dev/shm if smaller; the rest are unlinked), and reuses one that is
+  big enough, but at most twice too big, only after
+  ``flock(LOCK_EX | LOCK_NB)`` succeeds on it: proof that no process maps it
+  any more. It rewrites payload and header, with the generation bumped, under
+  that lock. A reader holding an old token either fails to take its shared
+  lock (rewrite in progress) or sees another generation: it raises
+  :class:`~shared_memory_array.BlockNotFoundError`, never returns another
+  object's bytes. A live view is never overwritten.
 * New blocks are reserved with ``posix_fallocate`` and filled with ``pwrite``
   (pieces of 1 MiB and more), so a one-shot write never faults the pages into
   the writer's mapping: measured here for 1 GB, 0.52 s against 0.83 s for
@@ -90,12 +91,13 @@ process that writes repeatedly reuses the memory of its own released blocks:
   unlinks what a process created at interpreter exit; in multiprocessing
   children, which skip ``atexit``, a multiprocessing finalizer does it), never
   shorter because a reader exited. A writer killed by a signal (including
-  workers of a ``Pool`` left by ``terminate()``, which ``with Pool()`` does)
-  leaves its blocks to ``cleanup()``. A released block is unlinked (or pooled) at once when the
-  writer itself releases it, otherwise at the writer's next :func:`write` or at
-  its exit. The writer keeps at most :data:`MAX_MAPPED_LIVE` unreleased blocks
-  mapped (each holds a descriptor); older ones are only unlinked when the
-  writer releases them or exits.
+  workers of a ``Pool`` ended by ``terminate()``, as ``with Pool()`` does)
+  leaves its blocks to ``cleanup()``.
+* A released block is pooled or unlinked at once when the writer itself
+  releases it, otherwise at the writer's next :func:`write` or at its exit.
+  The writer keeps at most :data:`MAX_MAPPED_LIVE` unreleased blocks mapped
+  (each holds a descriptor); older ones are unlinked only when the writer
+  itself releases them, or exits.
 
 Security: reading a token unpickles data, which can run code, exactly like
 :func:`pickle.loads`. Blocks are created with mode 0600, so only the same user
@@ -135,7 +137,18 @@ __all__ = ["read", "release", "write"]
 TOKEN_PREFIX: Final = "SMA1:"
 MAX_BUFFERS: Final = 50_000
 POOL_MAX_BLOCKS: Final = 8
-POOL_MAX_BYTES: Final = 2 << 30
+
+
+def _default_pool_bytes(shm_dir: str = "/dev/shm") -> int:
+    """2 GiB, or an eighth of /dev/shm where that is smaller (containers often give 64 MB)."""
+    try:
+        fs = os.statvfs(shm_dir)
+    except (OSError, AttributeError):  # no /dev/shm (macOS), no statvfs (Windows)
+        return 2 << 30
+    return min(2 << 30, fs.f_blocks * fs.f_frsize // 8)
+
+
+POOL_MAX_BYTES: Final = _default_pool_bytes()
 MAX_MAPPED_LIVE: Final = 64
 
 _MODE_SHARED: Final = "s"
