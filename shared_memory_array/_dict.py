@@ -516,16 +516,34 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
         """Find ``encoded`` in the active table.
 
         Returns ``(index, word, insert_at)``: the slot index and word of the key
-        (index -1 when absent), and where a new key would go.
+        (index -1 when absent), and where a new key would go (meaningful only
+        when absent).
         """
         table = self._tables[self._ctl[_ACTIVE] & 1]
-        mask = self._mask
         index = ((key_hash * 0x9E3779B1) & 0xFFFFFFFF) >> self._shift
+        word = table[index]
+        if not word:
+            return -1, 0, index
         tag = (key_hash & 0xFFFFFF) << _OFFSET_BITS
+        if word & _TAG_MASK == tag:  # the common hit: the key in its home slot
+            entry = word & _OFFSET_MASK
+            length = len(encoded)
+            if self._words[entry >> 3] & 0xFFFFFFFF == length:
+                start = entry + _ENTRY_HEADER
+                if self._buf[start : start + length] == encoded:
+                    return index, word, -1
+        return self._probe_chain(table, index, tag, encoded)
+
+    def _probe_chain(
+        self, table: memoryview, index: int, tag: int, encoded: bytes
+    ) -> tuple[int, int, int]:
+        """The rest of :meth:`_probe`: walk the chain from the occupied slot ``index``."""
+        mask = self._mask
         words, buf = self._words, self._buf
         length = len(encoded)
-        insert_at = -1
+        insert_at = index if table[index] == _TOMBSTONE else -1
         for _ in range(self._slots):
+            index = (index + 1) & mask
             word = table[index]
             if not word:
                 return -1, 0, index if insert_at < 0 else insert_at
@@ -538,7 +556,6 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
                     start = entry + _ENTRY_HEADER
                     if buf[start : start + length] == encoded:
                         return index, word, insert_at
-            index = (index + 1) & mask
         if insert_at >= 0:
             return -1, 0, insert_at
         raise LayoutError(f"SharedDict {self.name!r}: hash table has no empty slot (corrupt)")

@@ -6,8 +6,8 @@ heap in a region of its block; the dict does.
 
 Layout of the region (offsets relative to its start, which is 8-aligned)
 ------------------------------------------------------------------------
-* Words 0-7, the meta: magic ``b"SMAHEAP1"``, region size, bytes in allocated
-  blocks, number of free blocks, bytes in free blocks, number of allocated
+* Words 0-7, the meta: magic ``b"SMAHEAP1"``, region size, a reserved word,
+  number of free blocks, bytes in free blocks, number of allocated
   blocks, and two words of bitmap (bit ``c`` set when free list ``c`` is not
   empty).
 * Words 8 to 8 + :data:`NUM_CLASSES`: the heads of the segregated free lists
@@ -50,7 +50,9 @@ FIRST_FIT_SCAN: Final = 16
 _LAST_EXACT_CLASS: Final = 62  # blocks of 1024 bytes
 _META_WORDS: Final = 8
 _HEADS: Final = _META_WORDS  # word index of the first list head, relative to the region
-(_MAGIC, _SIZE, _USED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH) = range(8)
+(_MAGIC, _SIZE, _RESERVED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH) = (
+    range(8)
+)
 _ALLOCATED_BIT: Final = 1
 _SIZE_MASK: Final = ~(GRANULE - 1)
 _WORD_MASK: Final = (1 << 64) - 1
@@ -156,7 +158,7 @@ class Heap:
         words, base = self._words, self._base
         for index in range(self._heads, self._heads + NUM_CLASSES):
             words[index] = 0
-        for field in (_USED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH):
+        for field in (_RESERVED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH):
             words[base + field] = 0
         words[(self._first_block - 8) >> 3] = _ALLOCATED_BIT  # prologue
         words[self._end_block >> 3] = _ALLOCATED_BIT  # epilogue
@@ -254,7 +256,7 @@ class Heap:
             self._unlink(block, size)
         else:
             # Carve from the tail: the free part keeps its place (and usually its list).
-            if size_class(rest) == size_class(size):
+            if rest > 1024 and rest.bit_length() == size.bit_length():  # same class
                 at = block >> 3
                 words[at] = rest
                 words[at + (rest >> 3) - 1] = rest
@@ -268,7 +270,6 @@ class Heap:
         tag = size | _ALLOCATED_BIT
         words[at] = tag
         words[at + (size >> 3) - 1] = tag
-        words[base + _USED] += size
         words[base + _ALLOCATED] += 1
         return block + 8
 
@@ -290,7 +291,6 @@ class Heap:
         if not tag & _ALLOCATED_BIT or size < MIN_BLOCK or block + size > self._end_block:
             raise ValueError(f"offset {payload} is not an allocated block (tag {tag:#x})")
         base = self._base
-        words[base + _USED] -= size
         words[base + _ALLOCATED] -= 1
         following = block + size
         following_tag = words[following >> 3]
@@ -364,7 +364,6 @@ class Heap:
             tag = size | _ALLOCATED_BIT
             words[block >> 3] = tag
             words[(block + size - 8) >> 3] = tag
-            words[base + _USED] += size
             words[base + _ALLOCATED] += 1
             cursor = block + size
         if self._end_block > cursor:
@@ -440,12 +439,14 @@ class Heap:
         stored_bitmap = words[base + _BITMAP_LOW] | (words[base + _BITMAP_HIGH] << 64)
         if stored_bitmap != bitmap:
             fail(f"bitmap {stored_bitmap:#x} does not match the lists ({bitmap:#x})")
-        fields = (_USED, _ALLOCATED, _FREE_BLOCKS, _FREE_BYTES)
+        fields = (_ALLOCATED, _FREE_BLOCKS, _FREE_BYTES)
         counters = tuple(int(words[base + field]) for field in fields)
-        if counters != (used, allocated, len(free_blocks), free_bytes):
+        if used + free_bytes != self.capacity:
+            fail(f"blocks cover {used + free_bytes} bytes, not the capacity {self.capacity}")
+        if counters != (allocated, len(free_blocks), free_bytes):
             fail(
-                f"counters (used, allocated, free blocks, free bytes) = {counters}, "
-                f"walk found {(used, allocated, len(free_blocks), free_bytes)}"
+                f"counters (allocated, free blocks, free bytes) = {counters}, "
+                f"walk found {(allocated, len(free_blocks), free_bytes)}"
             )
 
     def release(self) -> None:
@@ -460,7 +461,7 @@ class Heap:
     @property
     def used(self) -> int:
         """Bytes in allocated blocks, tags included."""
-        return int(self._words[self._base + _USED])
+        return self.capacity - int(self._words[self._base + _FREE_BYTES])
 
     def gc_stats(self) -> dict[str, int | float]:
         """Return free-space statistics.
