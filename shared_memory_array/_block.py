@@ -16,8 +16,10 @@ Rules this module keeps, and why
   3.13 unlinks it (and warns about a "leak") when *any* process that merely
   attached exits. This module calls ``_posixshmem`` directly, so no tracker ever
   hears of our blocks. The owner unlinks on request, and the blocks it still
-  owns when its interpreter exits (``atexit``; forked children never unlink
-  their parent's blocks). A SIGKILLed owner leaves its blocks for ``cleanup()``.
+  owns when its interpreter exits (``atexit``, and multiprocessing's exit
+  finalizers in its children, which skip ``atexit``; forked children never
+  unlink their parent's blocks). A SIGKILLed owner leaves its blocks for
+  ``cleanup()``.
 * **Reserve, don't overcommit.** On Linux the pages are reserved with
   ``posix_fallocate`` at creation, so a block that does not fit in /dev/shm
   fails at once with :class:`~shared_memory_array.AllocationError`, instead of
@@ -44,8 +46,10 @@ import atexit
 import contextlib
 import errno
 import mmap
+import multiprocessing.util
 import os
 import secrets
+import stat
 import sys
 import threading
 from typing import Final
@@ -66,6 +70,8 @@ else:
     _HAVE_POSIX_SHM = True
 
 _HAVE_FALLOCATE = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
+# File types that can carry a block's name in /dev/shm without being one.
+_NOT_A_BLOCK = {stat.S_IFIFO, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK}
 # errno values meaning "this filesystem cannot preallocate": go on without it.
 _FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
 
@@ -110,11 +116,18 @@ class _OwnedBlocks:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._names: dict[str, int] = {}  # name -> pid of the creator
+        self._hooked_pid = 0
         atexit.register(self.unlink_all)
 
     def add(self, name: str) -> None:
+        pid = os.getpid()
         with self._lock:
-            self._names[name] = os.getpid()
+            self._names[name] = pid
+            if self._hooked_pid != pid:
+                # multiprocessing children end with os._exit, which skips atexit; they do
+                # run multiprocessing's own exit finalizers (a forked child starts with none).
+                self._hooked_pid = pid
+                multiprocessing.util.Finalize(None, self.unlink_all, exitpriority=0)
 
     def discard(self, name: str) -> None:
         with self._lock:
@@ -256,12 +269,20 @@ class SharedBlock:
         if not _HAVE_POSIX_SHM:
             self._attach_windows(bare)
             return self
+        # O_NONBLOCK: opening a FIFO named like a block must not hang (no effect on a block).
+        access = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK
         try:
-            self._fd = _posixshmem.shm_open("/" + bare, os.O_RDONLY if readonly else os.O_RDWR)
+            self._fd = _posixshmem.shm_open("/" + bare, access)
         except FileNotFoundError:
             raise BlockNotFoundError(bare) from None
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # glibc's answer for a directory of that name
+                raise
+            raise BlockNotFoundError(bare, f"{bare!r} is not a shared-memory block") from None
         try:
             info = os.fstat(self._fd)
+            if stat.S_IFMT(info.st_mode) in _NOT_A_BLOCK:
+                raise BlockNotFoundError(bare, f"{bare!r} is not a shared-memory block")
             self.size = info.st_size
             if self.size > 0:
                 self._map(self.size, populate=False, pin_fd=pin_fd)

@@ -108,7 +108,6 @@ from __future__ import annotations
 
 import binascii
 import mmap
-import multiprocessing.util
 import os
 import pickle
 import re
@@ -558,7 +557,6 @@ class _Writer:
         self._reset()
 
     def _reset(self) -> None:
-        self._exit_hook_pid = 0
         self._live: dict[str, _Written] = {}  # oldest first
         self._unmapped: dict[str, _Written] = {}  # live, no longer kept mapped here
         self._pool: dict[str, _Written] = {}  # released, mapped, oldest first
@@ -591,7 +589,6 @@ class _Writer:
             name = entry.block.name
             self._live[name] = entry
             self._limit_mapped()
-            self._hook_exit()
         return f"{TOKEN_PREFIX}{_MODE_SHARED}:{name}:{entry.generation:x}"
 
     def release(self, name: str, generation: int) -> bool:
@@ -624,13 +621,6 @@ class _Writer:
         """Names of the released blocks kept for reuse, oldest first."""
         with self._lock:
             return list(self._pool)
-
-    def _hook_exit(self) -> None:
-        # multiprocessing children end with os._exit: atexit (the block layer's
-        # unlink) never runs there, but multiprocessing's finalizers do.
-        if self._exit_hook_pid != os.getpid():
-            self._exit_hook_pid = os.getpid()
-            multiprocessing.util.Finalize(None, self.drop_all, exitpriority=0)
 
     def _collect_released(self) -> None:
         released = [name for name, entry in self._live.items() if entry.state() == _RELEASED]

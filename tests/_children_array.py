@@ -26,3 +26,12 @@ def describe(shared: SharedArray) -> tuple[Any, ...]:
     """Return what a child sees of a handle: layout, ownership and a checksum of the data."""
     data = shared.as_array()
     return shared.shape, str(shared.dtype), shared.owner, float(np.asarray(data, float).sum())
+
+
+_KEPT: list[SharedArray] = []
+
+
+def create_and_return_name(shape: int) -> str:
+    """Create an owned SharedArray, keep it open until the worker exits, and return its name."""
+    _KEPT.append(SharedArray.allocate(None, shape, "u1"))
+    return _KEPT[-1].name

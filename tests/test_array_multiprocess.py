@@ -10,7 +10,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
-from _children_array import describe, fill_row, row_sum
+from _children_array import create_and_return_name, describe, fill_row, row_sum
 
 from shared_memory_array import BlockNotFoundError, SharedArray
 
@@ -98,3 +98,16 @@ def test_owner_process_exit_unlinks_unclosed_arrays() -> None:
     assert done.stderr == ""
     with pytest.raises(BlockNotFoundError):
         SharedArray.attach(done.stdout.strip())
+
+
+@pytest.mark.parametrize("method", [m for m in ("spawn", "fork") if m in METHODS])
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_multiprocessing_child_exit_unlinks_its_unclosed_arrays(method: str) -> None:
+    """A multiprocessing child (which exits without atexit) still unlinks the blocks it owned."""
+    context = multiprocessing.get_context(method)
+    with context.Pool(1) as pool:
+        name = pool.apply_async(create_and_return_name, (16,)).get(TIMEOUT)
+        pool.close()
+        pool.join()  # a worker that exits normally (close + join, not terminate)
+    with pytest.raises(BlockNotFoundError):
+        SharedArray.attach(name)
