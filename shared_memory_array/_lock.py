@@ -6,10 +6,11 @@ drops a ``flock`` when the last descriptor of its open file description is
 closed, which happens when the holding process dies, however it dies: a killed
 holder never deadlocks the others.
 
-``flock`` locks belong to an open file description, so two descriptions opened
-by one process would exclude each other. Hence there is ONE lock per block name
-per process (:meth:`BlockLock.for_block`), shared by every handle of the block
-in the process, with its own duplicated descriptor; re-entrancy works across
+````flock`` locks belong to an open file description, so two descriptions opened
+by one process would exclude each other. Hence there is ONE lock per block per
+process (:meth:`BlockLock.for_block`, keyed by the block's device and inode, as
+a name can be reused by a new block), shared by every handle of the block in
+the process, with its own duplicated descriptor; re-entrancy works across
 handles. After ``fork`` the child gets a fresh thread lock and opens a new
 description, so parent and child exclude each other again.
 
@@ -37,7 +38,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["BlockLock"]
 
 _registry_lock = threading.Lock()
-_registry: dict[str, BlockLock] = {}
+_registry: dict[tuple[int, int], BlockLock] = {}  # (st_dev, st_ino) of the block -> lock
 
 
 class BlockLock:
@@ -46,11 +47,12 @@ class BlockLock:
     Get it with :meth:`for_block`; give it back with :meth:`release_ref`.
     """
 
-    __slots__ = ("_depth", "_fd", "_references", "_thread_lock", "name")
+    __slots__ = ("_depth", "_fd", "_identity", "_references", "_thread_lock", "name")
 
-    def __init__(self, name: str, fd: int) -> None:
+    def __init__(self, name: str, fd: int, identity: tuple[int, int]) -> None:
         self.name = name
         self._fd = fd
+        self._identity = identity
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._references = 0
@@ -66,11 +68,13 @@ class BlockLock:
         """
         if fcntl is None:  # pragma: no cover - Windows
             raise NotImplementedError("SharedDict needs fcntl.flock (a POSIX system)")
+        info = os.fstat(block.fileno())
+        identity = (info.st_dev, info.st_ino)  # not the name: a name can be reused
         with _registry_lock:
-            lock = _registry.get(block.name)
+            lock = _registry.get(identity)
             if lock is None:
-                lock = cls(block.name, os.dup(block.fileno()))
-                _registry[block.name] = lock
+                lock = cls(block.name, os.dup(block.fileno()), identity)
+                _registry[identity] = lock
             lock._references += 1
             return lock
 
@@ -80,8 +84,8 @@ class BlockLock:
             self._references -= 1
             if self._references > 0:
                 return
-            if _registry.get(self.name) is self:
-                del _registry[self.name]
+            if _registry.get(self._identity) is self:
+                del _registry[self._identity]
             fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
@@ -142,6 +146,10 @@ class BlockLock:
             fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR, mode=0o600)
         except OSError:
             return  # unlinked meanwhile: keep the inherited description
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != self._identity:
+            os.close(fd)  # the name now belongs to another block
+            return
         os.close(self._fd)
         self._fd = fd
 

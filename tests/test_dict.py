@@ -357,6 +357,20 @@ def test_lock_is_reentrant_across_handles(shared: SharedDict) -> None:
         assert other["n"] == 2
 
 
+def test_reused_name_gets_its_own_lock() -> None:
+    """A new dict under a name whose old block is still mapped here gets a lock of its own."""
+    name = unique_name()
+    old = SharedDict.create(name, max_items=4, heap_size=4096)
+    still_mapped = SharedDict.attach(name)
+    old.close()  # unlinks the name; still_mapped keeps the old block
+    with SharedDict.create(name, max_items=4, heap_size=4096) as new:
+        assert new._lock is not still_mapped._lock
+        with new.lock(), still_mapped.lock():
+            new["k"] = "new block"
+        assert still_mapped.get("k") is None
+    still_mapped.close()
+
+
 def test_threads_increment_exactly(shared: SharedDict) -> None:
     """Threads doing locked read-modify-write increments lose none."""
     shared["n"] = 0
