@@ -583,18 +583,22 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
         ctl, words, buf = self._ctl, self._words, self._buf
         active = ctl[_ACTIVE] & 1
         source, target = self._tables[active], self._tables[1 - active]
+        live = [word for word in source.tolist() if word > _TOMBSTONE]
+        if len(live) >= self._fill_limit:  # cannot happen unless the block was damaged
+            raise LayoutError(
+                f"SharedDict {self.name!r}: table holds {len(live)} entries (corrupt)"
+            )
         offset = self._table_offsets[1 - active]
         buf[offset : offset + 8 * self._slots] = bytes(8 * self._slots)
         mask, shift = self._mask, self._shift
-        for word in source.tolist():
-            if word > _TOMBSTONE:
-                entry = word & _OFFSET_MASK
-                start = entry + _ENTRY_HEADER
-                key_hash = zlib.crc32(buf[start : start + (words[entry >> 3] & 0xFFFFFFFF)])
-                index = ((key_hash * 0x9E3779B1) & 0xFFFFFFFF) >> shift
-                while target[index]:
-                    index = (index + 1) & mask
-                target[index] = word
+        for word in live:
+            entry = word & _OFFSET_MASK
+            start = entry + _ENTRY_HEADER
+            key_hash = _crc32(buf[start : start + (words[entry >> 3] & 0xFFFFFFFF)])
+            index = ((key_hash * 0x9E3779B1) & 0xFFFFFFFF) >> shift
+            while target[index]:
+                index = (index + 1) & mask
+            target[index] = word
         ctl[_ACTIVE] = 1 - active
         ctl[_TOMBSTONES] = 0
 

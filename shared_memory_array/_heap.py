@@ -480,7 +480,9 @@ class Heap:
         bitmap = words[base + _BITMAP_LOW] | (words[base + _BITMAP_HIGH] << 64)
         if bitmap:
             block = int(words[self._heads + bitmap.bit_length() - 1])
-            while block:
+            for _ in range(self.capacity // MIN_BLOCK):  # bounded, even for a damaged list
+                if not block:
+                    break
                 largest = max(largest, int(words[block >> 3]))
                 block = int(words[(block >> 3) + 1])
         return {
