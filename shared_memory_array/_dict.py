@@ -644,8 +644,10 @@ class SharedDict(MutableMapping):  # type: ignore[type-arg]
                     f"SharedDict {self.name!r} is full: {count} keys of max_items {self.max_items}",
                     1,
                 )
-            table = self._tables[ctl[_ACTIVE] & 1]
-            if not table[insert_at] and count + ctl[_TOMBSTONES] + 1 > self._fill_limit:
+            if (
+                count + ctl[_TOMBSTONES] >= self._fill_limit
+                and not self._tables[ctl[_ACTIVE] & 1][insert_at]
+            ):
                 self._rebuild_table()
                 _, _, insert_at = self._probe(encoded, key_hash)
             index = insert_at

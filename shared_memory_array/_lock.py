@@ -29,6 +29,11 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+    _flock = None
+    _LOCK_EX = _LOCK_UN = 0
+else:
+    _flock = fcntl.flock  # bound once: these run twice per dict operation
+    _LOCK_EX, _LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_UN
 
 try:
     import _posixshmem
@@ -98,11 +103,11 @@ class BlockLock:
         held it.
         """
         self._thread_lock.acquire()
-        self._depth += 1
-        if self._depth > 1:
+        depth = self._depth = self._depth + 1
+        if depth > 1:
             return False
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            _flock(self._fd, _LOCK_EX)  # type: ignore[misc]
         except BaseException:
             self._depth -= 1
             self._thread_lock.release()
@@ -112,7 +117,7 @@ class BlockLock:
     def release(self) -> None:
         """Release one level of the lock; the outermost release drops the file lock."""
         if self._depth == 1:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            _flock(self._fd, _LOCK_UN)  # type: ignore[misc]
         self._depth -= 1
         self._thread_lock.release()
 
