@@ -22,15 +22,16 @@ Layout of the block
 
 Atomicity and crash safety
 --------------------------
-Every operation runs under :class:`~shared_memory_array._lock.BlockLock`
+Every mutation runs under :class:`~shared_memory_array._lock.BlockLock`
 (``flock`` plus a thread lock); the kernel releases ``flock`` when its holder
-dies. A mutation first records its pid in the control area and bumps the
-version, then writes a new entry in free heap space, then publishes it with ONE
-aligned 8-byte store into its slot, then frees the entry it replaced. A small
+dies, so a killed holder never blocks the others. A mutation first records
+its pid in the control area and bumps the version, then writes a new entry in
+free heap space, then publishes it with ONE aligned 8-byte store into its
+slot, then frees the entry it replaced. A small
 value replacing one of its size is written to the entry's spare value area and
 published by one 8-byte store to the entry's state word. Table rebuilds fill
-the inactive table and switch to it with one store. So a table
-slot always points at a complete entry, and a process killed at any point
+the inactive table and switch to it with one store. So a table slot always
+points at a complete entry, and a process killed at any point
 leaves every key with either its old or its new value, never a torn one.
 ``update`` is all-or-nothing even then: before changing a slot it appends the
 slot's old word to a journal in the heap, and until its commit point (one
@@ -45,7 +46,10 @@ an exception); it does not cover another process scribbling over the block.
 
 Reads are served from a per-handle cache of small values while the shared
 version is unchanged; any mutation anywhere bumps the version, so a read never
-returns a value older than the last completed write.
+returns a value older than the last completed write. A cache miss on x86 reads
+the table without the lock, seqlock-style, and keeps the result only if no
+mutation was in progress and the version did not move meanwhile (else, and on
+other architectures, it reads under the lock); see :meth:`SharedDict._fetch`.
 """
 
 from __future__ import annotations
