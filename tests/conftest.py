@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 
 import pytest
@@ -39,10 +40,16 @@ def _left_by_us(name: str) -> bool:
     A block without a readable header counts as ours.
     """
     try:
-        with open(os.path.join(SHM_DIR, name), "rb") as block:
-            creator = peek_creator(block.read(128))
+        # O_NONBLOCK: hostile-input tests put FIFOs named like blocks in /dev/shm.
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return False  # gone meanwhile
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return True
+        creator = peek_creator(os.pread(fd, 128, 0))
+    finally:
+        os.close(fd)
     if creator is None:
         return True
     pid, start = creator
