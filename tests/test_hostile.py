@@ -35,10 +35,11 @@ from _header_tools import FIELD_FORMATS, reseal, with_field
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from shared_memory_array._block import PREFIX, SharedBlock, unlink_block
+from shared_memory_array._block import PREFIX, SharedBlock
 from shared_memory_array._header import FIXED_SIZE, BlockKind, encode_header, parse_header
 from shared_memory_array.errors import LayoutError
 
+SHM_DIR = "/dev/shm"
 RUNNER = Path(__file__).with_name("_children_registry.py")
 RUN_TIMEOUT = 120  # seconds; a hang fails the test instead of stalling the suite
 
@@ -77,12 +78,17 @@ class Template:
 
 @dataclass(frozen=True)
 class Case:
-    """One hostile block: its final bytes, and the size it had before being shrunk."""
+    """One hostile block: its final bytes, and the size it had before being shrunk.
+
+    ``file_type`` other than ``"block"`` puts a FIFO or a directory under the
+    block's name instead (opening a FIFO for reading would block forever).
+    """
 
     label: str
     content: bytes
     created_size: int = 0
     missing: bool = False
+    file_type: str = "block"
 
 
 def _raw_template(kind: BlockKind) -> Template:
@@ -148,12 +154,23 @@ def run_batch(cases: list[Case], templates: dict[str, Template]) -> list[str]:
         results = _run_child(specs)
     finally:
         for name in names:
-            unlink_block(name)
+            path = os.path.join(SHM_DIR, name)
+            if os.path.isdir(path):
+                os.rmdir(path)
+            elif os.path.exists(path):
+                os.unlink(path)  # a FIFO too, which unlink_block would refuse to judge
     return _check(cases, specs, results, templates)
 
 
 def _write_case_block(name: str, case: Case) -> None:
     """Create the block at its original size, fill it, and shrink it to the case's length."""
+    path = os.path.join(SHM_DIR, name)
+    if case.file_type == "fifo":
+        os.mkfifo(path, 0o600)
+        return
+    if case.file_type == "directory":
+        os.mkdir(path, 0o700)
+        return
     size = max(case.created_size, len(case.content), 1)
     block = SharedBlock.create(size, name=name, unlink_at_exit=True)
     try:
@@ -161,7 +178,7 @@ def _write_case_block(name: str, case: Case) -> None:
     finally:
         block.close()
     if size != len(case.content):
-        os.truncate(os.path.join("/dev/shm", name), len(case.content))
+        os.truncate(path, len(case.content))
 
 
 def _run_child(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,11 +213,11 @@ def _check(
         if result["outcome"] == "unavailable":
             unavailable.add(entry)
         elif entry == "list_blocks":
-            expected = None if case.missing else _listed_kind(case.content)
+            expected = None if case.missing else _listed_kind(case)
             if result["kind"] != expected:
                 problems.append(f"{where} (expected kind {expected})")
         elif entry == "cli.inspect":
-            readable = not case.missing and _parses(case.content, None)
+            readable = _listed_kind(case) != "unknown"
             stderr_lines = result["stderr"].splitlines()
             ok = result["outcome"] == "exit" and (
                 result["status"] == 0 if readable else result["status"] == 1
@@ -220,9 +237,11 @@ def _check(
     return sorted(unavailable)
 
 
-def _listed_kind(content: bytes) -> str:
+def _listed_kind(case: Case) -> str:
+    if case.file_type != "block" or case.missing:
+        return "unknown"
     try:
-        return parse_header(content).kind.name.lower()
+        return parse_header(case.content).kind.name.lower()
     except LayoutError:
         return "unknown"
 
@@ -230,6 +249,8 @@ def _listed_kind(content: bytes) -> str:
 def _expected_error(case: Case, kind: BlockKind, *, verify_checksum: bool) -> str | None:
     if case.missing:
         return "BlockNotFoundError"
+    if case.file_type != "block":
+        return "SharedArrayError"  # not a block: BlockNotFoundError or LayoutError
     return None if _parses(case.content, kind, verify_checksum=verify_checksum) else "LayoutError"
 
 
@@ -258,6 +279,8 @@ def _named_cases(templates: dict[str, Template]) -> list[Case]:
     cases = [Case("missing block", b"", missing=True), Case("0-byte block", b"", created_size=4096)]
     cases.append(Case("random bytes", rng.randbytes(4096)))
     cases.append(Case("random bytes, short", rng.randbytes(40)))
+    cases.append(Case("a FIFO named like a block", b"", file_type="fifo"))
+    cases.append(Case("a directory named like a block", b"", file_type="directory"))
     for key, template in templates.items():
         raw = template.raw
         header_size = _header_size(raw)
