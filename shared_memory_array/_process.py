@@ -14,6 +14,8 @@ import os
 
 __all__ = ["current_identity", "is_alive", "start_time"]
 
+_PID_LIMIT = 2**31  # pid_t is a signed 32-bit integer
+
 
 def _read_stat(pid: int) -> tuple[bytes, int] | None:
     """Return ``(state, start_time)`` from ``/proc/PID/stat``, ``None`` if unreadable."""
@@ -53,8 +55,8 @@ def is_alive(pid: int, recorded_start: int) -> bool:
     has exited: neither is alive. ``recorded_start == 0`` means the start time
     was unknown; then the pid decides.
     """
-    if pid <= 0:
-        return False
+    if not 0 < pid < _PID_LIMIT:
+        return False  # a header field holds any 32-bit value; os.kill would overflow
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -304,6 +304,7 @@ def _named_cases(templates: dict[str, Template]) -> list[Case]:
             Case(f"{key}: extra_len 2**32-1", bytes(with_field(raw, "extra_len", 2**32 - 1))),
             Case(f"{key}: descr_len 2**31", bytes(with_field(raw, "descr_len", 2**31))),
             Case(f"{key}: creator pid 0", bytes(with_field(raw, "creator_pid", 0))),
+            Case(f"{key}: creator pid 2**32-1", bytes(with_field(raw, "creator_pid", 2**32 - 1))),
             Case(f"{key}: generation +1", bytes(_bump_generation(raw))),
         ]
         (ndim,) = struct.unpack_from("<H", raw, 14)

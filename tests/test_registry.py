@@ -231,6 +231,15 @@ def test_dry_run_reports_without_unlinking(make_block: MakeBlock) -> None:
     assert _exists(alive.name)
 
 
+@pytest.mark.parametrize("pid", [0, 2**31, 2**32 - 1])
+def test_impossible_creator_pid_counts_as_dead(make_block: MakeBlock, pid: int) -> None:
+    """A header naming a pid no process can have (0, beyond pid_t) is an orphan, not a crash."""
+    block = make_block(creator=(pid, 0))
+    (info,) = sma.list_blocks()
+    assert (info.creator_pid, info.creator_alive) == (pid, False)
+    assert sma.cleanup().cleaned == [block.name]
+
+
 def test_zombie_creator_counts_as_dead(make_block: MakeBlock) -> None:
     """A creator that exited but is not yet reaped (a zombie) no longer owns its blocks."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
