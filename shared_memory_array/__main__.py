@@ -56,10 +56,25 @@ def _flag_names(flags: HeaderFlags) -> str:
     return "|".join(names) or "NONE"
 
 
+def _one_line(text: str, *, blanks: bool = True) -> str:
+    """``text`` escaped so that it stays on one line and cannot drive the terminal.
+
+    Names and header text come from blocks anyone with access may have written;
+    control characters (and blanks, where they would split a column) are shown
+    as escapes.
+    """
+
+    def shown(char: str) -> str:
+        if char.isprintable() and (blanks or not char.isspace()):
+            return char
+        return repr(char)[1:-1] if char != " " else "\\x20"
+
+    return "".join(shown(char) for char in text)
+
+
 def _list(args: argparse.Namespace, out: TextIO) -> int:
-    blocks = list_blocks()
     rows = [("NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "NOTE")]
-    rows += [_list_row(info) for info in blocks]
+    rows += [_list_row(info) for info in list_blocks()]
     widths = [max(len(row[column]) for row in rows) for column in range(5)]
     for row in rows:
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
@@ -69,15 +84,9 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
 
 def _list_row(info: BlockInfo) -> tuple[str, str, str, str, str, str]:
     creator = "-" if info.creator_pid is None else str(info.creator_pid)
-    note = "" if info.error is None else info.error.replace("\n", " ")
-    return (
-        info.name,
-        info.kind,
-        format_size(info.size),
-        creator,
-        _yes_no(info.creator_alive),
-        note,
-    )
+    alive = _yes_no(info.creator_alive)
+    name, note = _one_line(info.name, blanks=False), _one_line(info.error or "")
+    return (name, info.kind, format_size(info.size), creator, alive, note)
 
 
 def _inspect(args: argparse.Namespace, out: TextIO) -> int:
@@ -85,7 +94,7 @@ def _inspect(args: argparse.Namespace, out: TextIO) -> int:
     if header is None:
         raise SharedArrayError(f"cannot read the header: {info.error}")
     for field, value in _header_fields(info, header):
-        out.write(f"{field:<14} {value}\n")
+        out.write(f"{field:<14} {_one_line(value, blanks=field != 'name')}\n")
     return EXIT_OK
 
 
@@ -117,16 +126,19 @@ def _header_fields(info: BlockInfo, header: Header) -> list[tuple[str, str]]:
 def _cleanup(args: argparse.Namespace, out: TextIO) -> int:
     result = cleanup(dry_run=args.dry_run)
     done = "would clean" if result.dry_run else "cleaned"
+
+    def report(stream: TextIO, verb: str, name: str, *, reason: bool) -> None:
+        why = f": {_one_line(result.reasons[name])}" if reason else ""
+        stream.write(f"{verb} {_one_line(name, blanks=False)}{why}\n")
+
     if not args.quiet:
         for name in result.cleaned:
-            out.write(
-                f"{done} {name}" + (f": {result.reasons[name]}" if args.verbose else "") + "\n"
-            )
+            report(out, done, name, reason=args.verbose)
         if args.verbose:
             for name in result.skipped:
-                out.write(f"skipped {name}: {result.reasons[name]}\n")
+                report(out, "skipped", name, reason=True)
     for name in result.failed:
-        sys.stderr.write(f"failed {name}: {result.reasons[name]}\n")
+        report(sys.stderr, "failed", name, reason=True)
     if not args.quiet:
         out.write(
             f"{len(result.cleaned)} {done}, {len(result.failed)} failed, "
@@ -191,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SharedArrayError, OSError) as exc:
         if isinstance(exc, BrokenPipeError):
             return _stdout_closed()
-        message = str(exc) or type(exc).__name__
+        message = _one_line(str(exc) or type(exc).__name__)
         sys.stderr.write(f"{parser.prog}: error: {message}\n")
         return EXIT_FAILURE
     except KeyboardInterrupt:

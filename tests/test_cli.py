@@ -138,6 +138,23 @@ def test_list_prints_one_greppable_line_per_block(blocks: list[SharedBlock]) -> 
     assert "magic" in " ".join(bad_line[6:])
 
 
+def test_hostile_names_and_fields_stay_on_one_line(blocks: list[SharedBlock]) -> None:
+    """Control characters in a block's name or header text are escaped, never written raw."""
+    evil_dtype = np.dtype([("a\nb\x1b[2J", "<i4")])
+    header = encode_header(BlockKind.ARRAY, dtype=evil_dtype, shape=(1,), strides=(4,), nbytes=4)
+    block = SharedBlock.create(4096, name=PREFIX + "evil\n\x1b[2J name")
+    block.buf[: len(header)] = header
+    blocks.append(block)
+    for args in (["list"], ["inspect", block.name], ["cleanup", "--dry-run", "--verbose"]):
+        ran = run_cli(*args)
+        assert ran.returncode == 0, ran.stderr
+        assert "\x1b" not in ran.stdout
+        assert "evil\\n\\x1b[2J\\x20name" in ran.stdout
+    ran = run_cli("inspect", block.name)
+    fields = dict(line.split(None, 1) for line in ran.stdout.splitlines())
+    assert fields["dtype"] == "[('a\\nb\\x1b[2J', '<i4')]"
+
+
 # -- inspect ---------------------------------------------------------------------------
 
 
