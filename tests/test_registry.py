@@ -174,21 +174,25 @@ def test_nothing_is_scanned_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sma.cleanup() == sma.CleanupResult()
 
 
-def test_unrestricted_scan_dry_run_touches_nothing() -> None:
-    """The real /dev/shm scan runs end to end; a dry run unlinks nothing anywhere."""
+def test_unrestricted_scan_dry_run_touches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real /dev/shm scan runs end to end; a dry run never tries to unlink anything."""
+
+    def forbidden(*args: object) -> bool:
+        raise AssertionError(f"a dry run tried to unlink {args}")
+
+    monkeypatch.setattr(_registry, "_unlink_if_unchanged", forbidden)
+    monkeypatch.setattr(_registry, "unlink_block", forbidden)
     mine = SharedBlock.create(4096)
     mine.buf[:128] = encode_header(BlockKind.CODEC, nbytes=0).ljust(128, b"\0")
     try:
-        listed = {info.name for info in sma.list_blocks()}
-        assert mine.name in listed
-        before = {name for name in os.listdir(_registry.SHM_DIR) if name.startswith(PREFIX)}
+        assert mine.name in {info.name for info in sma.list_blocks()}
         result = sma.cleanup(dry_run=True)
         assert result.dry_run
         assert mine.name in result.skipped
-        assert before <= {n for n in os.listdir(_registry.SHM_DIR) if n.startswith(PREFIX)}
+        assert not result.failed
     finally:
-        mine.unlink()
         mine.close()
+        mine.unlink()
 
 
 def test_describe_block_accepts_slash_and_short_names(make_block: MakeBlock) -> None:
