@@ -1,0 +1,36 @@
+"""Run every benchmark of this repository, one after the other, and print their tables.
+
+Each benchmark runs the competitor (numpy.copy, pickle, a multiprocessing.Queue,
+Manager().dict()) on the same work in the same run and prints ratios.
+
+Run: python benchmarks/run_all.py [--quick]   (--quick: small sizes, about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = ["bench_array.py", "bench_codec.py", "bench_dict.py"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    quick = parser.parse_args().quick
+    failed = []
+    for script in BENCHMARKS:
+        print(f"\n# {script}", flush=True)
+        command = [sys.executable, str(HERE / script), *(["--quick"] if quick else [])]
+        if subprocess.run(command, check=False).returncode != 0:
+            failed.append(script)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
