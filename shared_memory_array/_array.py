@@ -15,8 +15,10 @@ Where the copies and page faults are
 ------------------------------------
 * ``allocate``: no copy; pages are reserved (``posix_fallocate``) and mapped
   up front (``MAP_POPULATE``), so first writes take no page faults.
-* ``copy``: exactly one copy, ``numpy.copyto`` from the source into the
-  populated block.
+* ``copy``: exactly one copy. A source already in the block's memory order
+  goes in by ``pwrite`` (the kernel fills the reserved pages; the owner's
+  mapping takes no faults until it touches them); any other source is copied
+  by ``numpy.copyto`` into a populated mapping.
 * ``attach`` and ``as_array``: no copy and no page touched beyond the header:
   O(1) whatever the size. The attaching process takes a minor fault per page
   (the page is already in memory) on first access.
@@ -169,6 +171,14 @@ class ArrayLayout:
         return layout
 
 
+def _raw_bytes(source: NDArray[Any], layout: ArrayLayout) -> memoryview | None:
+    """The bytes of ``source`` as the block stores them, if they are contiguous (no copy)."""
+    flags = source.flags
+    if not (flags.f_contiguous if layout.fortran_order else flags.c_contiguous):
+        return None
+    return source.ravel(order="K").view(np.uint8).data
+
+
 def _track_in_manager(manager: SharedMemoryManager, name: str) -> None:
     """Have ``manager`` unlink block ``name`` when it shuts down.
 
@@ -254,13 +264,21 @@ class SharedArray:
         cls, manager: SharedMemoryManager | None, layout: ArrayLayout, source: Any = None
     ) -> Self:
         header = layout.header()
-        block = SharedBlock.create(len(header) + max(layout.nbytes, 1), populate=True)
+        # A source already in the block's order goes in by pwrite, without faulting the
+        # pages into this mapping; anything else is copied through a populated mapping.
+        raw = _raw_bytes(source, layout) if source is not None else None
+        block = SharedBlock.create(
+            len(header) + max(layout.nbytes, 1), populate=raw is None, keep_fd=raw is not None
+        )
         self = object.__new__(cls)
         self._block, self._layout, self._name = block, layout, block.name
         self._data_offset, self._owner = len(header), True
         try:
             block.buf[: len(header)] = header
-            if source is not None:
+            if raw is not None:
+                block.write_at(len(header), raw)
+                block.close_fd()
+            elif source is not None:
                 np.copyto(self.as_array(), source, casting="no")
             if manager is not None:
                 _track_in_manager(manager, block.name)

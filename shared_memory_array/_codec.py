@@ -120,7 +120,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ._block import PREFIX, SharedBlock
+from ._block import PREFIX, SharedBlock, pwrite_all
 from ._header import FIXED_SIZE, BlockKind, Header, align, encode_header, parse_header
 from .errors import BlockNotFoundError, LayoutError
 
@@ -314,16 +314,9 @@ def _fill(
         pieces.append((offset, buffer))
     for offset, piece in pieces:
         if fd >= 0 and _HAVE_PWRITE and len(piece) >= _PWRITE_MIN:
-            _pwrite_all(fd, memoryview(piece), fd_offset + offset)
+            pwrite_all(fd, memoryview(piece), fd_offset + offset)
         else:
             region[offset : offset + len(piece)] = piece
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        written = os.pwrite(fd, data, offset)  # may be short (Linux caps one call at ~2 GiB)
-        data = data[written:]
-        offset += written
 
 
 def _unpickle(payload: memoryview, spans: list[tuple[int, int]], where: str) -> object:
