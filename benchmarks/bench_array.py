@@ -26,6 +26,7 @@ from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
+from _timing import fmt_time
 from numpy.typing import NDArray
 
 from shared_memory_array import SharedArray
@@ -50,14 +51,6 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
         times.append(t1 - t0)
         faults.append(f1 - f0)
     return statistics.median(times), statistics.median(faults)
-
-
-def fmt_time(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:8.1f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:8.1f} ms"
-    return f"{seconds:8.2f} s "
 
 
 def bench_attach(sizes: list[int]) -> None:

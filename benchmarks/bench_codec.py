@@ -36,6 +36,7 @@ from multiprocessing.queues import Queue
 from typing import Any
 
 import numpy as np
+from _timing import fmt_time
 
 from shared_memory_array import _codec, read, release, write
 
@@ -70,14 +71,6 @@ def median_time(
             fn()
         times.append((time.perf_counter() - start) / number)
     return statistics.median(times)
-
-
-def fmt_time(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:7.1f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:7.1f} ms"
-    return f"{seconds:7.2f} s "
 
 
 def fmt_size(nbytes: int) -> str:
