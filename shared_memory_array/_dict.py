@@ -245,7 +245,7 @@ class _DictLock:
         self._owner._lock.release()
 
 
-class _SnapshotItems(ItemsView):  # type: ignore[type-arg]
+class _SnapshotItems(ItemsView[Any, Any]):
     def __init__(self, owner: SharedDict) -> None:
         super().__init__(owner)
         self._owner = owner
@@ -254,7 +254,7 @@ class _SnapshotItems(ItemsView):  # type: ignore[type-arg]
         return iter(self._owner._snapshot(values=True))
 
 
-class _SnapshotValues(ValuesView):  # type: ignore[type-arg]
+class _SnapshotValues(ValuesView[Any]):
     def __init__(self, owner: SharedDict) -> None:
         super().__init__(owner)
         self._owner = owner
@@ -263,7 +263,7 @@ class _SnapshotValues(ValuesView):  # type: ignore[type-arg]
         return iter([value for _, value in self._owner._snapshot(values=True)])
 
 
-class SharedDict(MutableMapping):  # type: ignore[type-arg]
+class SharedDict(MutableMapping[Any, Any]):
     """A mapping shared by every process that attaches to it by name.
 
     Use :meth:`create` or :meth:`attach`. Keys are any hashable, picklable
