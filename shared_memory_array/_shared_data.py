@@ -50,13 +50,6 @@ class SharedData:
         Any picklable object; numpy arrays in it are not pickled but copied
         once into the block.
 
-    Attributes
-    ----------
-    name : str
-        The block's name: pass it to workers, which call :meth:`load`.
-    size : int
-        Size of the block in bytes.
-
     Raises
     ------
     pickle.PicklingError
@@ -75,15 +68,20 @@ class SharedData:
     _cache: ClassVar[dict[str, object]] = {}
     _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    name: str
-    size: int
-
     def __init__(self, obj: object) -> None:
         block = create_block(pickle_out_of_band(obj))
         block.close()  # the writer needs no mapping; the handle still unlinks
         self._block = block
-        self.name = block.name
-        self.size = block.size
+
+    @property
+    def name(self) -> str:
+        """The block's name: pass it to workers, which call :meth:`load`."""
+        return self._block.name
+
+    @property
+    def size(self) -> int:
+        """Size of the block in bytes."""
+        return self._block.size
 
     def __enter__(self) -> Self:
         return self
