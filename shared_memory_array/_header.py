@@ -74,7 +74,6 @@ __all__ = [
     "encode_header",
     "parse_header",
     "peek_creator",
-    "peek_kind",
 ]
 
 MAGIC: Final = b"\x93SMA\r\n\x1a\n"
@@ -102,7 +101,9 @@ class HeaderFlags(enum.IntFlag):
 
     NONE = 0
     F_ORDER = 1  # the payload is laid out in Fortran order
-    READY = 2  # the creator finished writing the block
+    # Set by every v1 writer. Readers need not test it: a header is written in one
+    # piece after the block exists, and a block still being created has no magic yet.
+    READY = 2
 
 
 _KNOWN_FLAGS: Final = int(HeaderFlags.F_ORDER | HeaderFlags.READY)
@@ -185,20 +186,6 @@ def encode_header(
     raw[: len(body)] = body
     struct.pack_into("<I", raw, _CHECKSUM_OFFSET, zlib.crc32(raw))
     return bytes(raw)
-
-
-def peek_kind(buf: memoryview | bytes) -> BlockKind | None:
-    """Return the block kind if ``buf`` starts with this library's magic, else ``None``.
-
-    Cheap and unvalidated: for listing only. Use :func:`parse_header` to read.
-    """
-    if len(buf) < FIXED_SIZE or bytes(buf[:8]) != MAGIC:
-        return None
-    (kind,) = struct.unpack_from("<H", buf, 10)
-    try:
-        return BlockKind(kind)
-    except ValueError:
-        return None
 
 
 def peek_creator(buf: memoryview | bytes) -> tuple[int, int] | None:
