@@ -218,6 +218,8 @@ class Heap:
                 if not block or words[block >> 3] >= need:
                     break
                 block = words[(block >> 3) + 1]
+            else:
+                block = 0  # no scanned block fits (the last one read was never checked)
         if block:
             return block
         base = self._base
