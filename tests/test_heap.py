@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
 from shared_memory_array import AllocationError, LayoutError
-from shared_memory_array._heap import MIN_BLOCK, Heap, block_size_for, heap_overhead, size_class
+from shared_memory_array._heap import (
+    FIRST_FIT_SCAN,
+    MIN_BLOCK,
+    Heap,
+    block_size_for,
+    heap_overhead,
+    size_class,
+)
 
 REGION_OFFSET = 64
 
@@ -185,3 +192,23 @@ class HeapMachine(RuleBasedStateMachine):
 
 
 TestHeapMachine = HeapMachine.TestCase
+
+
+def test_first_fit_scan_never_returns_a_block_too_small() -> None:
+    """More too-small free blocks in one class than the first-fit scan reads never yield a
+    payload smaller than asked (regression: the unchecked block after the scan was returned)."""
+    heap, buf = make_heap(1 << 20)
+    assert size_class(block_size_for(1100)) == size_class(block_size_for(1500))
+    victims, spacers = [], []
+    for _ in range(FIRST_FIT_SCAN + 4):
+        victims.append(heap.alloc(1100))
+        spacers.append(heap.alloc(16))  # keeps the freed victims from coalescing
+    for payload in spacers:
+        buf[payload : payload + 16] = b"S" * 16
+    for payload in victims:
+        heap.free(payload)
+    big = heap.alloc(1500)
+    assert heap.payload_size(big) >= 1500
+    buf[big : big + 1500] = b"\xab" * 1500
+    heap.check()
+    assert all(bytes(buf[p : p + 16]) == b"S" * 16 for p in spacers)
