@@ -86,6 +86,7 @@ from .errors import AllocationError, BlockNotFoundError, LayoutError
 __all__ = ["SharedDict", "ZeroCopyDict"]
 
 _GEOMETRY = struct.Struct("<6Q")
+_ENTRY_WORDS = struct.Struct("<3Q")
 _CONTROL_WORDS: Final = 8
 _VERSION, _COUNT, _TOMBSTONES, _ACTIVE, _HOLDER_PID, _HOLDER_START, _REPAIRS, _JOURNAL = range(8)
 _OFFSET_BITS: Final = 40
@@ -139,6 +140,15 @@ class _Closed:
         raise ValueError(f"SharedDict {self.name!r} is closed")
 
     __getitem__ = __setitem__ = acquire = _fail
+
+
+def _two_areas(length: int) -> tuple[int, int]:
+    """Return (third entry word, bytes of both areas) for a new ``length``-byte value."""
+    area = max(16, (length + (length >> 2) + 7) & ~7)  # room to grow a little
+    return _HIGH_BIT | area, 2 * area
+
+
+_TWO_AREAS: Final = [_two_areas(length) for length in range(_TWO_AREA_LIMIT + 1)]  # by length
 
 
 def _fibonacci_shift(slots: int) -> int:
@@ -519,9 +529,9 @@ class SharedDict(MutableMapping[Any, Any]):
     def _probe(self, encoded: bytes, key_hash: int) -> tuple[int, int, int]:
         """Find ``encoded`` in the active table.
 
-        Returns ``(index, word, insert_at)``: the slot index and word of the key
-        (index -1 when absent), and where a new key would go (meaningful only
-        when absent).
+        Returns ``(index, word, insert_at)``: the slot index and word of the key;
+        when absent, index -1, the word of the slot where the key would go (0 or
+        a tombstone) and that slot's index.
         """
         table = self._tables[self._ctl[_ACTIVE] & 1]
         index = ((key_hash * 0x9E3779B1) & 0xFFFFFFFF) >> self._shift
@@ -550,7 +560,7 @@ class SharedDict(MutableMapping[Any, Any]):
             index = (index + 1) & mask
             word = table[index]
             if not word:
-                return -1, 0, index if insert_at < 0 else insert_at
+                return (-1, 0, index) if insert_at < 0 else (-1, _TOMBSTONE, insert_at)
             if word == _TOMBSTONE:
                 if insert_at < 0:
                     insert_at = index
@@ -561,7 +571,7 @@ class SharedDict(MutableMapping[Any, Any]):
                     if buf[start : start + length] == encoded:
                         return index, word, insert_at
         if insert_at >= 0:
-            return -1, 0, insert_at
+            return -1, _TOMBSTONE, insert_at
         raise LayoutError(f"SharedDict {self.name!r}: hash table has no empty slot (corrupt)")
 
     def _entry_value(self, entry: int) -> memoryview:
@@ -648,44 +658,36 @@ class SharedDict(MutableMapping[Any, Any]):
                     f"SharedDict {self.name!r} is full: {count} keys of max_items {self.max_items}",
                     1,
                 )
-            if (
-                count + ctl[_TOMBSTONES] >= self._fill_limit
-                and not self._tables[ctl[_ACTIVE] & 1][insert_at]
-            ):
+            if count + ctl[_TOMBSTONES] >= self._fill_limit and not old_word:
                 self._rebuild_table()
-                _, _, insert_at = self._probe(encoded, key_hash)
+                _, old_word, insert_at = self._probe(encoded, key_hash)
             index = insert_at
         key_length, original_length, length = len(encoded), len(original), len(data)
         if length <= _TWO_AREA_LIMIT:
-            capacity = (length + (length >> 2) + 7) & ~7  # room to grow a little
-            if capacity < 16:
-                capacity = 16
-            areas = _HIGH_BIT | capacity
-            capacity *= 2
+            areas, capacity = _TWO_AREAS[length]
         else:
             areas = capacity = length
         entry = self._heap.alloc(_ENTRY_HEADER + key_length + original_length + capacity)
-        at = entry >> 3
-        words[at] = key_length | original_length << 32
-        words[at + 1] = length
-        words[at + 2] = areas
-        start = entry + _ENTRY_HEADER
-        body = encoded + original + data
-        buf[start : start + len(body)] = body
-        table = self._tables[ctl[_ACTIVE] & 1]
-        replaced = table[index]
+        written = (
+            _ENTRY_WORDS.pack(key_length | original_length << 32, length, areas)
+            + encoded
+            + original
+            + data
+        )
+        buf[entry : entry + len(written)] = written
         if journal:
             records = words[journal >> 3]
             at = (journal >> 3) + 1 + 2 * records
             words[at] = index
-            words[at + 1] = replaced
+            words[at + 1] = old_word
             words[journal >> 3] = records + 1  # the record counts only once complete
+        table = self._tables[ctl[_ACTIVE] & 1]
         table[index] = (key_hash & 0xFFFFFF) << _OFFSET_BITS | entry  # publish: one store
-        if not old_word:
-            ctl[_COUNT] += 1
-            if replaced == _TOMBSTONE:
+        if old_word <= _TOMBSTONE:  # a new key: ``count`` was read above
+            ctl[_COUNT] = count + 1
+            if old_word:
                 ctl[_TOMBSTONES] -= 1
-        return index, replaced
+        return index, old_word
 
     def _remove(self, index: int, word: int) -> None:
         """Unpublish slot ``index`` and free its entry, as one mutation (lock held)."""

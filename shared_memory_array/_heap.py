@@ -47,7 +47,6 @@ MIN_BLOCK: Final = 32
 GRANULE: Final = 16
 TAG_BYTES: Final = 16  # header + footer
 FIRST_FIT_SCAN: Final = 16
-_LAST_EXACT_CLASS: Final = 62  # blocks of 1024 bytes
 _META_WORDS: Final = 8
 _HEADS: Final = _META_WORDS  # word index of the first list head, relative to the region
 (_MAGIC, _SIZE, _RESERVED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH) = (
@@ -207,27 +206,17 @@ class Heap:
         words[base + _FREE_BLOCKS] -= 1
         words[base + _FREE_BYTES] -= size
 
-    def _find(self, need: int, klass: int) -> int:
-        """Return a free block of at least ``need`` bytes (class ``klass``), 0 if none."""
-        words = self._words
+    def _first_fit(self, need: int, klass: int) -> int:
+        """Return a block of at least ``need`` bytes from power-of-two class ``klass``, or 0."""
         if klass >= NUM_CLASSES:
             return 0
+        words = self._words
         block = words[self._heads + klass]
-        if klass > _LAST_EXACT_CLASS:
-            for _ in range(FIRST_FIT_SCAN):
-                if not block or words[block >> 3] >= need:
-                    break
-                block = words[(block >> 3) + 1]
-            else:
-                block = 0  # no scanned block fits (the last one read was never checked)
-        if block:
-            return block
-        base = self._base
-        bitmap = (words[base + _BITMAP_LOW] | (words[base + _BITMAP_HIGH] << 64)) >> (klass + 1)
-        if not bitmap:
-            return 0
-        klass += (bitmap & -bitmap).bit_length()
-        return words[self._heads + klass]
+        for _ in range(FIRST_FIT_SCAN):
+            if not block or words[block >> 3] >= need:
+                return block
+            block = words[(block >> 3) + 1]
+        return 0
 
     # -- public surface -----------------------------------------------------------------
 
@@ -240,18 +229,35 @@ class Heap:
             No free block is large enough; the heap is unchanged.
         """
         need = (nbytes + TAG_BYTES + GRANULE - 1) & _SIZE_MASK
-        if need < MIN_BLOCK:
-            need = MIN_BLOCK
-        klass = (need >> 4) - 2 if need <= 1024 else 52 + need.bit_length()
-        block = self._find(need, klass)
         words, base = self._words, self._base
+        if need <= 1024:
+            if need < MIN_BLOCK:
+                need = MIN_BLOCK
+            klass = (need >> 4) - 2
+            block = words[self._heads + klass]  # any block of an exact class fits
+        else:
+            klass = 52 + need.bit_length()
+            block = self._first_fit(need, klass)
         if not block:
-            raise AllocationError(
-                f"heap full: no free block for {nbytes} bytes "
-                f"({words[base + _FREE_BYTES]} bytes free in "
-                f"{words[base + _FREE_BLOCKS]} blocks of a {self.size}-byte heap)",
-                nbytes,
-            )
+            # The first block of the next non-empty class (all larger than ``need``), found
+            # in one bitmap word at a time (cheaper than shifting a 128-bit int).
+            first = klass + 1
+            low = words[base + _BITMAP_LOW] >> first if first < 64 else 0
+            if low:
+                klass = first + (low & -low).bit_length() - 1
+            else:
+                if first < 64:
+                    first = 64
+                high = words[base + _BITMAP_HIGH] >> (first - 64)
+                if not high:
+                    raise AllocationError(
+                        f"heap full: no free block for {nbytes} bytes "
+                        f"({words[base + _FREE_BYTES]} bytes free in "
+                        f"{words[base + _FREE_BLOCKS]} blocks of a {self.size}-byte heap)",
+                        nbytes,
+                    )
+                klass = first + (high & -high).bit_length() - 1
+            block = words[self._heads + klass]
         size = words[block >> 3]
         rest = size - need
         if rest < MIN_BLOCK:
