@@ -304,8 +304,6 @@ class SharedArray:
         self = object.__new__(cls)
         self._block, self._name = block, block.name
         try:
-            if block.size == 0:
-                raise LayoutError(f"block {block.name!r} is empty (still being created?)")
             header = parse_header(
                 block.buf,
                 expected_kind=BlockKind.ARRAY,

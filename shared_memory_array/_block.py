@@ -295,6 +295,8 @@ class SharedBlock:
             self.size = info.st_size
             if self.size > 0:
                 self._map(self.size, populate=False, pin_fd=pin_fd)
+            else:  # mmap refuses 0 bytes; an empty view lets the header parser say what is wrong
+                self._view = memoryview(b"")
         except BaseException:
             self.close()
             raise
@@ -366,11 +368,11 @@ class SharedBlock:
         Raises
         ------
         ValueError
-            The handle is closed (or the block was empty when attached).
+            The handle is closed.
         """
         view = self._view
         if view is None:
-            raise ValueError(f"shared-memory block {self.name!r} is closed or empty")
+            raise ValueError(f"shared-memory block {self.name!r} is closed")
         return view
 
     @property

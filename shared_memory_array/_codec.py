@@ -464,8 +464,6 @@ def _open_locked(
             # Only the writer takes the exclusive lock, and only to reuse a released block.
             raise _released_error(name, generation)
         block.close_fd()  # the mapping's own descriptor keeps the lock
-        if block.size == 0:
-            raise LayoutError(f"block {name!r} is empty, too short for a header")
         header = parse_header(block.buf, expected_kind=BlockKind.CODEC, name=name)
         if generation is not None and header.generation != generation:
             raise _released_error(name, generation)

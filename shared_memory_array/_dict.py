@@ -384,8 +384,6 @@ class SharedDict(MutableMapping[Any, Any]):
         block = SharedBlock.attach(block_name, keep_fd=True)
         try:
             where = f"block {block_name!r}"
-            if block.size == 0:
-                raise LayoutError(f"{where} is empty, not a SharedDict")
             header = parse_header(block.buf, expected_kind=BlockKind.DICT, name=block_name)
             geometry = _Geometry.unpack(
                 header.extra, data_offset=header.data_offset, block_size=block.size, where=where

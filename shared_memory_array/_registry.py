@@ -194,7 +194,7 @@ def _probe(name: str) -> _Probe:
         return _unreadable(name, stat_result, f"cannot open: {exc.strerror or exc}")
     try:
         stat_result = _fd_stat(block)
-        buf = block.buf if block.size else b""
+        buf = block.buf
         raw_creator = peek_creator(buf)
         try:
             header = parse_header(buf, name=name)
