@@ -25,7 +25,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -187,8 +187,6 @@ def _probe(name: str) -> _Probe:
             return _unreadable(name, path_stat, "not a regular file", regular_file=False)
     try:
         block = SharedBlock.attach(name, readonly=True, keep_fd=True)
-    except BlockNotFoundError:
-        raise
     except OSError as exc:  # permission denied (another user's block), ...
         stat_result = _path_stat(name) if _CAN_SCAN else None
         return _unreadable(name, stat_result, f"cannot open: {exc.strerror or exc}")
@@ -263,13 +261,16 @@ def list_blocks() -> list[BlockInfo]:
     -------
     list of BlockInfo
     """
-    infos = []
+    return [probe.info for probe in _probes()]
+
+
+def _probes() -> Iterator[_Probe]:
+    """Probe every block of this library, leaving out those unlinked since the scan."""
     for name in _block_names():
         try:
-            infos.append(_probe(name).info)
+            yield _probe(name)
         except BlockNotFoundError:
-            continue  # unlinked since the directory was read
-    return infos
+            continue
 
 
 def _inodes_in_use() -> set[int]:
@@ -371,11 +372,8 @@ def cleanup(dry_run: bool = False) -> CleanupResult:
     result = CleanupResult(dry_run=dry_run)
     now = time.time()
     inodes_in_use = functools.cache(_inodes_in_use)  # scanned once, and only if needed
-    for name in _block_names():
-        try:
-            probe = _probe(name)
-        except BlockNotFoundError:
-            continue
+    for probe in _probes():
+        name = probe.info.name
         remove, reason = _removal_reason(probe, now, inodes_in_use)
         if not remove:
             result.skipped.append(name)
