@@ -48,6 +48,7 @@ import errno
 import mmap
 import multiprocessing.util
 import os
+import re
 import secrets
 import stat
 import sys
@@ -56,11 +57,21 @@ from typing import Final
 
 from .errors import AllocationError, BlockNotFoundError
 
-__all__ = ["PREFIX", "SharedBlock", "new_name", "normalize_name", "pwrite_all", "unlink_block"]
+__all__ = [
+    "GENERATED_NAME_PATTERN",
+    "PREFIX",
+    "SharedBlock",
+    "new_name",
+    "normalize_name",
+    "pwrite_all",
+    "unlink_block",
+]
 
 PREFIX: Final = "sma_"
 MAX_NAME_LENGTH: Final = 250  # NAME_MAX (255) of /dev/shm, less a margin
 _RANDOM_NAME_HEX: Final = 16
+GENERATED_NAME_PATTERN: Final = re.escape(PREFIX) + f"[0-9a-f]{{{_RANDOM_NAME_HEX}}}"
+"""Regular expression matching exactly the names :func:`new_name` generates."""
 
 try:
     import _posixshmem

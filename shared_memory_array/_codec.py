@@ -120,7 +120,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from ._block import PREFIX, SharedBlock, pwrite_all
+from ._block import GENERATED_NAME_PATTERN, PREFIX, SharedBlock, pwrite_all
 from ._header import FIXED_SIZE, BlockKind, Header, align, encode_header, parse_header
 from .errors import BlockNotFoundError, LayoutError
 
@@ -154,10 +154,7 @@ _MODE_SHARED: Final = "s"
 _MODE_INLINE: Final = "i"
 _MODE_FRAME: Final = "f"
 _SHARED_TOKEN: Final = re.compile(
-    re.escape(TOKEN_PREFIX + _MODE_SHARED + ":")
-    + "("
-    + re.escape(PREFIX)
-    + r"[0-9a-f]{16}):([0-9a-f]{1,16})"
+    re.escape(TOKEN_PREFIX + _MODE_SHARED + ":") + f"({GENERATED_NAME_PATTERN}):([0-9a-f]{{1,16}})"
 )
 _BLOCK_ALIGNMENT: Final = 64
 _FRAME_ALIGNMENT: Final = 16
