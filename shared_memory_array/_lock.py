@@ -6,7 +6,7 @@ drops a ``flock`` when the last descriptor of its open file description is
 closed, which happens when the holding process dies, however it dies: a killed
 holder never deadlocks the others.
 
-````flock`` locks belong to an open file description, so two descriptions opened
+``flock`` locks belong to an open file description, so two descriptions opened
 by one process would exclude each other. Hence there is ONE lock per block per
 process (:meth:`BlockLock.for_block`, keyed by the block's device and inode, as
 a name can be reused by a new block), shared by every handle of the block in
