@@ -20,14 +20,17 @@ from ._registry import cleanup as cleanup
 from ._registry import list_blocks as list_blocks
 from ._shared_data import SharedData as SharedData
 from .errors import AllocationError as AllocationError
+from .errors import BlockExistsError as BlockExistsError
 from .errors import BlockNotFoundError as BlockNotFoundError
 from .errors import LayoutError as LayoutError
 from .errors import SharedArrayError as SharedArrayError
+from .errors import UntrustedBlockError as UntrustedBlockError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AllocationError",
+    "BlockExistsError",
     "BlockInfo",
     "BlockNotFoundError",
     "CleanupResult",
@@ -37,6 +40,7 @@ __all__ = [
     "SharedData",
     "SharedDict",
     "SharedMemoryArray",
+    "UntrustedBlockError",
     "ZeroCopyDict",
     "cleanup",
     "list_blocks",

@@ -7,7 +7,16 @@ and also from the builtin exception it means, so ``except MemoryError`` or
 
 from __future__ import annotations
 
-__all__ = ["AllocationError", "BlockNotFoundError", "LayoutError", "SharedArrayError"]
+import errno
+
+__all__ = [
+    "AllocationError",
+    "BlockExistsError",
+    "BlockNotFoundError",
+    "LayoutError",
+    "SharedArrayError",
+    "UntrustedBlockError",
+]
 
 
 class SharedArrayError(Exception):
@@ -30,8 +39,11 @@ class AllocationError(SharedArrayError, MemoryError):
         self.requested = requested
 
 
-class BlockNotFoundError(SharedArrayError, KeyError):
-    """No shared-memory block of that name exists (any more).
+class BlockNotFoundError(SharedArrayError, KeyError, FileNotFoundError):
+    """No shared-memory block of that name exists (any more), or it is not reachable here.
+
+    Also a :class:`FileNotFoundError`, like a missing file (and a :class:`KeyError`,
+    like a missing key).
 
     Parameters
     ----------
@@ -45,10 +57,65 @@ class BlockNotFoundError(SharedArrayError, KeyError):
         self.name = name
         self.message = message or f"shared-memory block {name!r} does not exist"
         super().__init__(self.message)
+        # OSError's constructor does not run for a multiple-inheritance subclass like
+        # this one: set the attributes callers of FileNotFoundError look at.
+        self.errno = errno.ENOENT
+        self.strerror = self.message
+        self.filename = name
 
     def __str__(self) -> str:
         # KeyError.__str__ would quote the whole message.
         return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.message))
+
+
+class BlockExistsError(SharedArrayError, FileExistsError):
+    """A block of that name exists already (``create`` of a name in use).
+
+    Parameters
+    ----------
+    name
+        The block name, without a leading slash.
+    """
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        self.name = name
+        self.message = message or f"shared-memory block {name!r} exists already"
+        super().__init__(errno.EEXIST, self.message, name)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.message))
+
+
+class UntrustedBlockError(SharedArrayError, PermissionError):
+    """The block belongs to another user, or others may write it: reading it is refused.
+
+    Reading such a block could run that user's code (pickle) or trust a header
+    they wrote. Root is no exception.
+
+    Parameters
+    ----------
+    name
+        The block name, without a leading slash.
+    message
+        Why the block is not trusted.
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        self.message = message
+        super().__init__(errno.EPERM, message, name)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.message))
 
 
 class LayoutError(SharedArrayError, ValueError):
