@@ -55,7 +55,7 @@ import sys
 import threading
 from typing import Final
 
-from .errors import AllocationError, BlockNotFoundError
+from .errors import AllocationError, BlockExistsError, BlockNotFoundError
 
 __all__ = [
     "GENERATED_NAME_PATTERN",
@@ -227,7 +227,7 @@ class SharedBlock:
         ------
         AllocationError
             The system cannot provide ``size`` bytes of shared memory.
-        FileExistsError
+        BlockExistsError
             ``name`` was given and a block of that name already exists.
         """
         if size <= 0:
@@ -247,7 +247,7 @@ class SharedBlock:
                 )
             except FileExistsError:
                 if explicit:
-                    raise
+                    raise BlockExistsError(self.name) from None
                 continue  # random-name collision: draw again
             break
         self._owner_pid = os.getpid()

@@ -12,7 +12,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from shared_memory_array import AllocationError, BlockNotFoundError, SharedArrayError
+from shared_memory_array import (
+    AllocationError,
+    BlockExistsError,
+    BlockNotFoundError,
+    SharedArrayError,
+)
 from shared_memory_array._block import PREFIX, SharedBlock, _owned, normalize_name, unlink_block
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
@@ -84,8 +89,8 @@ def test_leading_slash_is_accepted_and_stripped(block: SharedBlock) -> None:
 
 
 def test_explicit_existing_name_is_not_silently_attached(block: SharedBlock) -> None:
-    """Creating a block under an existing name raises FileExistsError (O_EXCL)."""
-    with pytest.raises(FileExistsError):
+    """Creating a block under an existing name raises BlockExistsError, a FileExistsError."""
+    with pytest.raises(BlockExistsError):
         SharedBlock.create(64, name=block.name)
 
 
