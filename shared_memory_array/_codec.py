@@ -121,7 +121,7 @@ from typing import Any, Final
 import numpy as np
 
 from ._block import GENERATED_NAME_PATTERN, PREFIX, SharedBlock, pwrite_all
-from ._header import FIXED_SIZE, BlockKind, Header, align, encode_header, parse_header
+from ._header import BlockKind, Header, align, encode_header, header_size_for, parse_header
 from .errors import BlockNotFoundError, LayoutError
 
 try:
@@ -376,7 +376,7 @@ class _Layout:
 def _plan(pickled: _Pickled) -> _Layout:
     spans, payload_size = _place(pickled, _STATE_SIZE, _BLOCK_ALIGNMENT)
     extra = _encode_table(spans)
-    return _Layout(spans, extra, align(FIXED_SIZE + len(extra)), payload_size)
+    return _Layout(spans, extra, header_size_for(extra_len=len(extra)), payload_size)
 
 
 def _store(

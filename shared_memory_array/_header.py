@@ -3,15 +3,15 @@
 Any process can attach to a block by name alone because the block describes
 itself. This docstring is the format's specification.
 
-Format version 1
+Format version 2
 ----------------
-All integers little-endian. The fixed part is 72 bytes:
+All integers little-endian. The fixed part is 88 bytes:
 
 ======  ====  ===============  ===================================================
 offset  size  field            meaning
 ======  ====  ===============  ===================================================
 0       8     magic            ``b"\\x93SMA\\r\\n\\x1a\\n"`` (PNG-style: catches text mangling)
-8       2     version          format version, 1
+8       2     version          format version, 2 (1 is still read)
 10      2     kind             :class:`BlockKind`: 1 array, 2 codec, 3 dict
 12      2     flags            :class:`HeaderFlags` bits; unknown bits are rejected
 14      2     ndim             number of dimensions, 0 to :data:`MAX_NDIM`
@@ -19,31 +19,44 @@ offset  size  field            meaning
 20      4     checksum         CRC-32 of the first ``header_size`` bytes, this field as 0
 24      4     descr_len        bytes of the dtype description
 28      4     extra_len        bytes of kind-specific metadata
-32      4     creator_pid      pid of the creating process
+32      4     creator_pid      pid of the creating process (explains; never decides liveness)
 36      4     reserved         0
 40      8     creator_start    creator's start time (clock ticks since boot), 0 unknown
 48      8     generation       bumped each time the block's content is rewritten in place
-56      8     data_offset      start of the payload, a multiple of 64, >= header_size
+56      8     data_offset      start of the payload, a multiple of 64
 64      8     nbytes           logical payload bytes; data_offset + nbytes <= block size
+72      16    block_id         random bytes drawn at creation: which block, not which name
 ======  ====  ===============  ===================================================
 
-The variable part follows at offset 72: ``ndim`` int64 shape entries, ``ndim``
+The variable part follows at offset 88: ``ndim`` int64 shape entries, ``ndim``
 int64 strides (bytes), the dtype as the UTF-8 ``repr`` of
 ``numpy.lib.format.dtype_to_descr(dtype)`` (``descr_len`` bytes; empty when the
 kind has no dtype), then ``extra_len`` bytes that the block's kind defines
 (see the codec and dict modules). Zero padding up to ``header_size``.
+
+The **lifetime area** follows: :data:`LIFETIME_SIZE` (64) bytes at offset
+``header_size``, outside the checksum because processes change it while the
+block is in use (under a lock; see :mod:`._lifetime`), so ``data_offset >=
+header_size + 64``. Its words, ``<q``: handles pickled and not yet unpickled
+(``in_flight``), the ``time.time_ns()`` of the last such pickle, and the block's
+``state`` (0 live, 1 pooled: memory a codec writer keeps for reuse).
 
 Validation (:func:`parse_header`, the one parser every reader uses) checks, and
 rejects with :class:`~shared_memory_array.LayoutError` quoting the bad value: the
 magic; the version; the size cap (:data:`MAX_HEADER_SIZE`); the checksum; the
 kind (when the caller expects one); unknown flags; the reserved field; that
 shape entries and strides are non-negative; that the dtype parses with numpy's
-own helpers and holds no Python objects; and that shape × strides, the payload
-and the header all fit inside the block. Nothing in a header is trusted before
-these checks, so random bytes, truncation and hostile values cannot cause a
-crash, a huge allocation, or a silent wrong answer.
+own helpers and holds no Python objects; and that shape × strides, the payload,
+the header and (v2) the lifetime area all fit inside the block. Nothing in a
+header is trusted before these checks, so random bytes, truncation and hostile
+values cannot cause a crash, a huge allocation, or a silent wrong answer.
 
-Version history: 1, the first.
+Version history
+---------------
+1. The first: a 72-byte fixed part, no block id, no lifetime area. Still read
+   (golden bytes in ``tests/fixtures``); such a block has no lifetime words, so
+   the reaper falls back to its creator's pid for it.
+2. ``block_id`` after the v1 fixed part; the lifetime area after the header.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ from __future__ import annotations
 import ast
 import enum
 import functools
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -64,7 +78,9 @@ from .errors import LayoutError
 
 __all__ = [
     "ALIGNMENT",
+    "BLOCK_ID_SIZE",
     "FIXED_SIZE",
+    "LIFETIME_SIZE",
     "MAGIC",
     "VERSION",
     "BlockKind",
@@ -72,19 +88,24 @@ __all__ = [
     "HeaderFlags",
     "align",
     "encode_header",
+    "header_size_for",
     "parse_header",
     "peek_creator",
 ]
 
 MAGIC: Final = b"\x93SMA\r\n\x1a\n"
-VERSION: Final = 1
+VERSION: Final = 2
+_READABLE_VERSIONS: Final = (1, 2)
 ALIGNMENT: Final = 64
 MAX_NDIM: Final = 64
 MAX_HEADER_SIZE: Final = 1 << 20
 MAX_DESCR_LEN: Final = 1 << 16
 
-_FIXED = struct.Struct("<8sHHHHIIIIIIQQQQ")
-FIXED_SIZE: Final = _FIXED.size  # 72
+_FIXED = struct.Struct("<8sHHHHIIIIIIQQQQ")  # the part common to v1 and v2
+_V1_FIXED_SIZE: Final = _FIXED.size  # 72
+BLOCK_ID_SIZE: Final = 16
+FIXED_SIZE: Final = _V1_FIXED_SIZE + BLOCK_ID_SIZE  # 88 in v2
+LIFETIME_SIZE: Final = 64
 _CHECKSUM_OFFSET: Final = 20
 
 
@@ -135,6 +156,12 @@ class Header:
     extra: bytes = b""
     header_size: int = 0
     version: int = VERSION
+    block_id: bytes = b""
+
+    @property
+    def lifetime_offset(self) -> int | None:
+        """Offset of the lifetime area (v2), ``None`` for a v1 block that has none."""
+        return self.header_size if self.version >= 2 else None
 
     @property
     def fortran_order(self) -> bool:
@@ -153,17 +180,21 @@ def encode_header(
     generation: int = 0,
     extra: bytes = b"",
     creator: tuple[int, int] | None = None,
+    block_id: bytes | None = None,
 ) -> bytes:
-    """Return the header bytes (length = ``data_offset``, a multiple of 64).
+    """Return header and zeroed lifetime area (length = ``data_offset``, a multiple of 64).
 
     The payload starts right after the returned bytes. The caller is trusted:
     writers pass values they built themselves (readers go through
-    :func:`parse_header`).
+    :func:`parse_header`). ``block_id`` is drawn at random when not given.
     """
-    descr = b"" if dtype is None else repr(dtype_to_descr(dtype)).encode("utf-8")
+    descr = b"" if dtype is None else _descr_text(dtype)
     variable = struct.pack(f"<{len(shape)}q{len(strides)}q", *shape, *strides)
     header_size = align(FIXED_SIZE + len(variable) + len(descr) + len(extra))
+    data_offset = header_size + LIFETIME_SIZE
     pid, start = current_identity() if creator is None else creator
+    if block_id is None:
+        block_id = os.urandom(BLOCK_ID_SIZE)
     fixed = _FIXED.pack(
         MAGIC,
         VERSION,
@@ -178,14 +209,24 @@ def encode_header(
         0,
         start,
         generation,
-        header_size,
+        data_offset,
         nbytes,
     )
-    raw = bytearray(header_size)
-    body = fixed + variable + descr + extra
+    raw = bytearray(data_offset)
+    body = fixed + block_id + variable + descr + extra
     raw[: len(body)] = body
-    struct.pack_into("<I", raw, _CHECKSUM_OFFSET, zlib.crc32(raw))
+    struct.pack_into("<I", raw, _CHECKSUM_OFFSET, zlib.crc32(memoryview(raw)[:header_size]))
     return bytes(raw)
+
+
+def header_size_for(*, ndim: int = 0, descr_len: int = 0, extra_len: int = 0) -> int:
+    """Bytes :func:`encode_header` returns for these field sizes (header + lifetime area)."""
+    return align(FIXED_SIZE + 16 * ndim + descr_len + extra_len) + LIFETIME_SIZE
+
+
+@functools.lru_cache(maxsize=256)
+def _descr_text(dtype: np.dtype) -> bytes:
+    return repr(dtype_to_descr(dtype)).encode("utf-8")
 
 
 def peek_creator(buf: memoryview | bytes) -> tuple[int, int] | None:
@@ -194,7 +235,7 @@ def peek_creator(buf: memoryview | bytes) -> tuple[int, int] | None:
     For ``cleanup`` only, to stay away from a block whose header a live creator
     may be rewriting; never trust it for reading (use :func:`parse_header`).
     """
-    if len(buf) < FIXED_SIZE or bytes(buf[:8]) != MAGIC:
+    if len(buf) < _V1_FIXED_SIZE or bytes(buf[:8]) != MAGIC:
         return None
     fields = _FIXED.unpack_from(buf, 0)
     return fields[9], fields[11]
@@ -227,9 +268,9 @@ def parse_header(
     """
     size = len(buf)
     where = f"block {name!r}"
-    if size < FIXED_SIZE:
+    if size < _V1_FIXED_SIZE:
         raise LayoutError(
-            f"{where} is {size} bytes, too short for a header ({FIXED_SIZE} bytes at least)"
+            f"{where} is {size} bytes, too short for a header ({_V1_FIXED_SIZE} bytes at least)"
         )
     (
         magic,
@@ -250,9 +291,12 @@ def parse_header(
     ) = _FIXED.unpack_from(buf, 0)
     if magic != MAGIC:
         raise LayoutError(f"{where} has no shared_memory_array header (magic {magic!r})")
-    if version != VERSION:
-        raise LayoutError(f"{where} has header format version {version}; this library reads 1")
-    if not FIXED_SIZE <= header_size <= min(size, MAX_HEADER_SIZE) or header_size % ALIGNMENT:
+    if version not in _READABLE_VERSIONS:
+        raise LayoutError(
+            f"{where} has header format version {version}; this library reads 1 and 2"
+        )
+    fixed_size = _V1_FIXED_SIZE if version == 1 else FIXED_SIZE
+    if not fixed_size <= header_size <= min(size, MAX_HEADER_SIZE) or header_size % ALIGNMENT:
         raise LayoutError(f"{where}: header_size {header_size} is invalid for a {size}-byte block")
     if verify_checksum:
         raw = bytearray(buf[:header_size])
@@ -280,25 +324,26 @@ def parse_header(
         raise LayoutError(f"{where}: ndim {ndim} exceeds {MAX_NDIM}")
     if descr_len > MAX_DESCR_LEN:
         raise LayoutError(f"{where}: dtype description of {descr_len} bytes is too long")
-    variable_end = FIXED_SIZE + 16 * ndim + descr_len + extra_len
+    variable_end = fixed_size + 16 * ndim + descr_len + extra_len
     if variable_end > header_size:
         raise LayoutError(
             f"{where}: header fields need {variable_end} bytes but header_size is {header_size}"
         )
-    if data_offset % ALIGNMENT or data_offset < header_size:
+    lifetime_size = LIFETIME_SIZE if version >= 2 else 0
+    if data_offset % ALIGNMENT or data_offset < header_size + lifetime_size:
         raise LayoutError(f"{where}: data_offset {data_offset} is invalid")
     if data_offset + nbytes > size:
         raise LayoutError(
             f"{where}: payload of {nbytes} bytes at offset {data_offset} exceeds the "
             f"{size}-byte block (truncated or shrunk?)"
         )
-    dims = struct.unpack_from(f"<{2 * ndim}q", buf, FIXED_SIZE)
+    dims = struct.unpack_from(f"<{2 * ndim}q", buf, fixed_size)
     shape, strides = tuple(dims[:ndim]), tuple(dims[ndim:])
     if any(d < 0 for d in shape):
         raise LayoutError(f"{where}: negative dimension in shape {shape}")
     if any(s < 0 for s in strides):
         raise LayoutError(f"{where}: negative stride in strides {strides}")
-    descr_at = FIXED_SIZE + 16 * ndim
+    descr_at = fixed_size + 16 * ndim
     dtype = _parse_dtype(bytes(buf[descr_at : descr_at + descr_len]), where) if descr_len else None
     if dtype is not None:
         _check_extent(shape, strides, dtype.itemsize, nbytes, where)
@@ -319,6 +364,7 @@ def parse_header(
         extra=bytes(buf[extra_at : extra_at + extra_len]),
         header_size=header_size,
         version=version,
+        block_id=bytes(buf[_V1_FIXED_SIZE:FIXED_SIZE]) if version >= 2 else b"",
     )
 
 

@@ -173,7 +173,7 @@ def test_inspect_decodes_the_header(blocks: list[SharedBlock]) -> None:
     assert fields["flags"] == "F_ORDER|READY"
     assert fields["creator_pid"] == str(os.getpid())
     assert fields["creator_alive"] == "yes"
-    assert fields["version"] == "1"
+    assert fields["version"] == "2"
 
 
 def test_inspect_never_unpickles(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from shared_memory_array import (
     ZeroCopyDict,
 )
 from shared_memory_array._block import PREFIX, SharedBlock
-from shared_memory_array._header import BlockKind, encode_header
+from shared_memory_array._header import BlockKind, encode_header, header_size_for
 from shared_memory_array._keys import decode_key, encode_key
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
@@ -293,7 +293,8 @@ def test_attach_rejects_other_kinds_and_bad_geometry() -> None:
         block.buf[: len(header)] = header
         with pytest.raises(LayoutError, match="kind"):
             SharedDict.attach(name)
-        geometry = (len(header), 10**12, 12, 5, 0, 0)
+        control = header_size_for(extra_len=48)  # the dict header with its 48-byte geometry
+        geometry = (control, 10**12, 12, 5, 0, 0)
         extra = b"".join(value.to_bytes(8, "little") for value in geometry)
         header = encode_header(BlockKind.DICT, nbytes=0, extra=extra)
         block.buf[: len(header)] = header

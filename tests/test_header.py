@@ -106,7 +106,7 @@ GOOD = _array_header(np.dtype("<i8"), (4,))
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("version", 2, "version 2"),
+        ("version", 3, "version 3"),
         ("kind", 99, "unknown block kind 99"),
         ("flags", 0x80, "unknown header flags"),
         ("reserved", 1, "reserved"),

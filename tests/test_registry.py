@@ -183,7 +183,8 @@ def test_unrestricted_scan_dry_run_touches_nothing(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(_registry, "_unlink_if_unchanged", forbidden)
     monkeypatch.setattr(_registry, "unlink_block", forbidden)
     mine = SharedBlock.create(4096)
-    mine.buf[:128] = encode_header(BlockKind.CODEC, nbytes=0).ljust(128, b"\0")
+    header = encode_header(BlockKind.CODEC, nbytes=0)
+    mine.buf[: len(header)] = header
     try:
         assert mine.name in {info.name for info in sma.list_blocks()}
         result = sma.cleanup(dry_run=True)
