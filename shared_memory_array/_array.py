@@ -43,8 +43,17 @@ from numpy.typing import DTypeLike, NDArray
 from typing_extensions import Self
 
 from ._block import SharedBlock, unlink_block
-from ._header import BlockKind, Header, HeaderFlags, encode_header, parse_header
-from .errors import LayoutError
+from ._header import (
+    BlockKind,
+    Header,
+    HeaderFlags,
+    encode_header,
+    encoded_identity,
+    parse_header,
+)
+from ._identity import check_same_shm, shm_identity
+from ._lifetime import Hold
+from .errors import BlockNotFoundError, LayoutError
 
 __all__ = ["ArrayLayout", "SharedArray", "SharedMemoryArray", "parse_dtype", "parse_shape"]
 
@@ -199,12 +208,15 @@ def _release_from_manager(manager: SharedMemoryManager, name: str) -> bool:
     return True
 
 
-def _unlink_owned(name: str, manager: SharedMemoryManager | None, creator_pid: int) -> None:
-    """Unlink an owner's block (run at most once, by ``weakref.finalize``)."""
-    if os.getpid() != creator_pid:
-        return  # a forked child's copy of the handle must not unlink its parent's block
-    if manager is None or not _release_from_manager(manager, name):
-        unlink_block(name)
+def _let_go(hold: Hold, creator_pid: int) -> None:
+    """An owner handle was garbage collected: stop owning (run by ``weakref.finalize``).
+
+    An implicit end: the block is not unlinked here. It goes when nobody holds
+    it and no pickled handle of it is in flight (see :mod:`._reaper`), which the
+    mapping's own finalizer checks when this process's last view of it goes.
+    """
+    if os.getpid() == creator_pid:  # a forked child's copy owns nothing
+        hold.drop_owner()
 
 
 def _check_manager(manager: object) -> SharedMemoryManager | None:
@@ -248,9 +260,11 @@ class SharedArray:
     _block: SharedBlock | None = None
     _layout: ArrayLayout
     _data_offset: int = 0
-    _owner: bool = False
-    _unlinker: weakref.finalize[..., SharedArray] | None = None
+    _owner_pid: int = 0  # the pid in which this handle owns the block; 0: not an owner
+    _manager: SharedMemoryManager | None = None
     _name: str = ""
+    _block_id: bytes = b""
+    _lifetime_offset: int | None = None
 
     def __init__(self) -> None:
         raise TypeError(
@@ -267,22 +281,21 @@ class SharedArray:
         # A source already in the block's order goes in by pwrite, without faulting the
         # pages into this mapping; anything else is copied through a populated mapping.
         raw = _raw_bytes(source, layout) if source is not None else None
-        block = SharedBlock.create(
-            len(header) + max(layout.nbytes, 1), populate=raw is None, keep_fd=raw is not None
-        )
+        block = SharedBlock.create(len(header) + max(layout.nbytes, 1), populate=raw is None)
         self = object.__new__(cls)
         self._block, self._layout, self._name = block, layout, block.name
-        self._data_offset, self._owner = len(header), True
+        self._data_offset, self._owner_pid = len(header), os.getpid()
+        self._block_id, self._lifetime_offset = encoded_identity(header)
         try:
             block.buf[: len(header)] = header
             if raw is not None:
                 block.write_at(len(header), raw)
-                block.close_fd()
             elif source is not None:
                 np.copyto(self.as_array(), source, casting="no")
             if manager is not None:
                 _track_in_manager(manager, block.name)
-            self._unlinker = weakref.finalize(self, _unlink_owned, block.name, manager, os.getpid())
+                self._manager = manager
+            weakref.finalize(self, _let_go, block.hold, self._owner_pid)
         except BaseException:
             block.unlink()
             self.close()
@@ -298,6 +311,7 @@ class SharedArray:
         dtype: np.dtype[Any] | None = None,
         fortran_order: bool | None = None,
         verify_checksum: bool = True,
+        block_id: bytes | None = None,
     ) -> Self:
         """Map block ``name``, parse its header, and compare whatever is not ``None``."""
         block = SharedBlock.attach(name)
@@ -310,6 +324,13 @@ class SharedArray:
                 name=block.name,
                 verify_checksum=verify_checksum,
             )
+            if block_id is not None and header.block_id != block_id:
+                raise BlockNotFoundError(
+                    block.name,
+                    f"block {block.name!r} is not the block this handle was made for "
+                    "(the name was reused by another block)",
+                )
+            self._block_id = header.block_id
             layout = self._layout = ArrayLayout.from_header(header, block.name)
             self._data_offset = header.data_offset
             if (
@@ -323,10 +344,23 @@ class SharedArray:
                     f"{layout.shape if shape is None else shape}, dtype "
                     f"{layout.dtype if dtype is None else dtype}"
                 )
+            self._lifetime_offset = header.lifetime_offset
         except BaseException:
             self.close()
             raise
         return self
+
+    def _landed(self) -> None:
+        """This handle was unpickled: one handle less in flight; own the block if nobody does."""
+        block = self._block
+        assert block is not None
+        offset = self._lifetime_offset
+        words = None if offset is None else block.lifetime_words(offset)
+        if words is not None:
+            words.unpickled()
+        if block.hold.take_owner():
+            self._owner_pid = os.getpid()
+            weakref.finalize(self, _let_go, block.hold, self._owner_pid)
 
     # -- constructors ----------------------------------------------------------------------
 
@@ -519,7 +553,7 @@ class SharedArray:
     @property
     def owner(self) -> bool:
         """Whether this handle owns (and will unlink) the block, in this process."""
-        return self._owner and self._block is not None and self._block.created_here
+        return self._owner_pid == os.getpid() and self._block is not None
 
     @property
     def closed(self) -> bool:
@@ -531,9 +565,8 @@ class SharedArray:
 
         Existing mappings and views stay valid; no process can attach afterwards.
         """
-        if self._unlinker is not None and self._unlinker.alive:
-            self._unlinker()  # the owner's way: through the manager if there is one
-        else:
+        manager, self._manager = self._manager, None
+        if manager is None or not _release_from_manager(manager, self._name):
             unlink_block(self._name)
 
     def close(self) -> None:
@@ -545,7 +578,10 @@ class SharedArray:
             self.unlink()
         block, self._block = self._block, None
         if block is not None:
+            if self._owner_pid == os.getpid():
+                block.hold.drop_owner()
             block.close()
+        self._owner_pid = 0
 
     @contextmanager
     def managed(self) -> Iterator[Self]:
@@ -567,9 +603,30 @@ class SharedArray:
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle as name and layout only; unpickles as a non-owner attachment."""
+        """Pickle as name, layout and identity only; never the data.
+
+        The pickle counts as a handle in flight until it is unpickled (see
+        :mod:`._reaper`), so the block outlives this handle for as long as the
+        receiver may still need it. Unpickled, it is an attachment that becomes
+        the owner if the block has none any more (a worker's result).
+        """
         layout = self._layout
-        return (_unpickle, (self._name, layout.shape, layout.dtype, layout.fortran_order))
+        block = self._block
+        if block is not None and not block.closed and self._lifetime_offset is not None:
+            words = block.lifetime_words(self._lifetime_offset)
+            if words is not None:
+                words.pickled()
+        return (
+            _unpickle,
+            (
+                self._name,
+                layout.shape,
+                layout.dtype,
+                layout.fortran_order,
+                self._block_id,
+                shm_identity(),
+            ),
+        )
 
     def __len__(self) -> int:
         if not self._layout.shape:
@@ -585,9 +642,23 @@ class SharedArray:
 
 
 def _unpickle(
-    name: str, shape: tuple[int, ...], dtype: np.dtype[Any], fortran_order: bool
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    fortran_order: bool,
+    block_id: bytes = b"",
+    identity: str | None = None,
 ) -> SharedArray:
-    return SharedArray._attach(name, shape=shape, dtype=dtype, fortran_order=fortran_order)
+    check_same_shm(name, identity)
+    handle = SharedArray._attach(
+        name,
+        shape=shape,
+        dtype=dtype,
+        fortran_order=fortran_order,
+        block_id=block_id or None,
+    )
+    handle._landed()
+    return handle
 
 
 SharedMemoryArray = SharedArray

@@ -15,11 +15,22 @@ Rules this module keeps, and why
   registers every block it opens with the resource tracker, which on Python <
   3.13 unlinks it (and warns about a "leak") when *any* process that merely
   attached exits. This module calls ``_posixshmem`` directly, so no tracker ever
-  hears of our blocks. The owner unlinks on request, and the blocks it still
-  owns when its interpreter exits (``atexit``, and multiprocessing's exit
-  finalizers in its children, which skip ``atexit``; forked children never
-  unlink their parent's blocks). A SIGKILLed owner leaves its blocks for
-  ``cleanup()``.
+  hears of our blocks.
+* **Lifetimes are asked of the kernel** (:mod:`._lifetime`, :mod:`._reaper`):
+  every mapping keeps a descriptor holding a shared HOLD lock until the mapping
+  itself goes (after its last view); the creator also holds OWNER. When a
+  mapping goes and its block has no owner, the reaper unlinks it if nobody else
+  holds it; the first block-creating call of a process (then every few seconds)
+  and every normal exit reap what nobody holds. Kinds decide only when an end
+  is explicit (``unlink`` now).
+* **Only your own blocks.** ``attach`` refuses, on the descriptor it maps (not
+  on the name, which can change in between), a block of another user or one
+  that group or others may write (:class:`~shared_memory_array.UntrustedBlockError`),
+  and on Linux one whose pages are not all allocated (reading it could SIGBUS:
+  :class:`~shared_memory_array.LayoutError`). Symlinks, FIFOs and directories
+  named like blocks are not blocks (:class:`~shared_memory_array.BlockNotFoundError`).
+* **Exhaustion** of /dev/shm space or inodes, or of file descriptors, is an
+  :class:`~shared_memory_array.AllocationError`, never a raw ``OSError``.
 * **Reserve, don't overcommit.** On Linux the pages are reserved with
   ``posix_fallocate`` at creation, so a block that does not fit in /dev/shm
   fails at once with :class:`~shared_memory_array.AllocationError`, instead of
@@ -28,12 +39,11 @@ Rules this module keeps, and why
   to the mapping and unmaps it only if nothing else exports its buffer; arrays
   and memoryviews handed out earlier keep the mapping (through their ``.base``
   chain) until the last of them is gone. Closing never invalidates a view.
-* **File descriptors.** The descriptor is closed once mapped, unless the caller
-  asks to keep it (``keep_fd``, for ``flock``). On Python < 3.13 CPython's
-  ``mmap`` keeps a private duplicate of the descriptor for the mapping's life;
-  on 3.13+ it does so only with ``pin_fd=True``. A ``flock`` taken on the
-  descriptor lives exactly as long as the last descriptor of that open file
-  description, which ``pin_fd`` ties to the mapping.
+* **File descriptors.** One per mapping, kept until the mapping goes (its HOLD
+  lock lives on it); :meth:`SharedBlock.fileno` hands it out for ``pwrite`` and
+  ``flock``. On Python < 3.13 CPython's ``mmap`` keeps a private duplicate too
+  (same open file description, so the same locks); 3.13 is told not to
+  (``trackfd=False``).
 
 Platforms: Linux is tested. macOS uses the same POSIX calls without
 ``posix_fallocate``. Windows falls back to ``SharedMemory`` (no tracker there);
@@ -42,20 +52,25 @@ its blocks vanish with their last handle, and ``unlink`` is a no-op.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
 import mmap
-import multiprocessing.util
 import os
 import re
 import secrets
 import stat
 import sys
-import threading
+import weakref
 from typing import Final
 
-from .errors import AllocationError, BlockExistsError, BlockNotFoundError
+from . import _lifetime, _reaper
+from .errors import (
+    AllocationError,
+    BlockExistsError,
+    BlockNotFoundError,
+    LayoutError,
+    UntrustedBlockError,
+)
 
 __all__ = [
     "GENERATED_NAME_PATTERN",
@@ -68,7 +83,7 @@ __all__ = [
 ]
 
 PREFIX: Final = "sma_"
-MAX_NAME_LENGTH: Final = 250  # NAME_MAX (255) of /dev/shm, less a margin
+MAX_NAME_LENGTH: Final = 250  # NAME_MAX (255) of /dev/shm, in bytes, less a margin
 _RANDOM_NAME_HEX: Final = 16
 GENERATED_NAME_PATTERN: Final = re.escape(PREFIX) + f"[0-9a-f]{{{_RANDOM_NAME_HEX}}}"
 """Regular expression matching exactly the names :func:`new_name` generates."""
@@ -81,11 +96,20 @@ else:
     _HAVE_POSIX_SHM = True
 
 _HAVE_PWRITE = hasattr(os, "pwrite")
-_HAVE_FALLOCATE = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
+_LINUX = sys.platform.startswith("linux")
+_HAVE_FALLOCATE = _LINUX and hasattr(os, "posix_fallocate")
 # File types that can carry a block's name in /dev/shm without being one.
 _NOT_A_BLOCK = {stat.S_IFIFO, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK}
 # errno values meaning "this filesystem cannot preallocate": go on without it.
 _FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
+# errno values meaning "the system is out of something": an AllocationError.
+_EXHAUSTED = {
+    errno.EMFILE: "this process has no file descriptor left",
+    errno.ENFILE: "the system has no file descriptor left",
+    errno.ENOSPC: "/dev/shm is full (space or inodes)",
+    errno.ENOMEM: "out of memory",
+}
+_UNTRUSTED_MODE_BITS = stat.S_IWGRP | stat.S_IWOTH
 
 
 def normalize_name(name: object) -> str:
@@ -96,12 +120,19 @@ def normalize_name(name: object) -> str:
     TypeError
         ``name`` is not a string.
     BlockNotFoundError
-        ``name`` cannot name a block (empty, too long, or with ``/`` or NUL inside).
+        ``name`` cannot name a block (empty, too long, with ``/`` or NUL inside,
+        or not encodable: a lone surrogate).
     """
     if not isinstance(name, str):
         raise TypeError(f"a block name must be a str, not {type(name).__name__}")
     bare = name[1:] if name.startswith("/") else name
-    if not bare or len(bare) > MAX_NAME_LENGTH or "/" in bare or "\x00" in bare:
+    try:
+        encoded_length = len(bare.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise BlockNotFoundError(
+            bare, f"{name!r} is not a valid shared-memory block name (not encodable)"
+        ) from None
+    if not bare or encoded_length > MAX_NAME_LENGTH or "/" in bare or "\x00" in bare:
         raise BlockNotFoundError(bare, f"{name!r} is not a valid shared-memory block name")
     return bare
 
@@ -130,41 +161,31 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
-class _OwnedBlocks:
-    """Names this process created and must unlink when it exits."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._names: dict[str, int] = {}  # name -> pid of the creator
-        self._hooked_pid = 0
-        atexit.register(self.unlink_all)
-
-    def add(self, name: str) -> None:
-        pid = os.getpid()
-        with self._lock:
-            self._names[name] = pid
-            if self._hooked_pid != pid:
-                # multiprocessing children end with os._exit, which skips atexit; they do
-                # run multiprocessing's own exit finalizers (a forked child starts with none).
-                self._hooked_pid = pid
-                multiprocessing.util.Finalize(None, self.unlink_all, exitpriority=0)
-
-    def discard(self, name: str) -> None:
-        with self._lock:
-            self._names.pop(name, None)
-
-    def unlink_all(self) -> None:
-        pid = os.getpid()
-        with self._lock:
-            # A forked child inherits this table; it must not unlink its parent's blocks.
-            mine = [name for name, creator in self._names.items() if creator == pid]
-            self._names.clear()
-        for name in mine:
-            with contextlib.suppress(OSError):  # exiting: nothing useful to do with it
-                unlink_block(name)
+def _exhausted(exc: OSError, what: str, size: int | None = None) -> AllocationError | None:
+    """The AllocationError for an ``OSError`` that means a resource ran out, else ``None``."""
+    why = _EXHAUSTED.get(exc.errno or 0)
+    if why is None:
+        return None
+    error = AllocationError(f"cannot {what}: {why} ({exc.strerror})", size)
+    error.__cause__ = exc
+    return error
 
 
-_owned = _OwnedBlocks()
+def _mapping_gone(hold: _lifetime.Hold) -> None:
+    """The last view of a mapping went: close its descriptor; reap if the block has no owner."""
+    name = hold.name
+    try:
+        hold.drop_owner()
+        ownerless = not hold.owner_elsewhere()
+        hold.close()
+    except OSError:
+        return
+    if ownerless:
+        _reaper.after_last_mapping(name)
+
+
+# Windows-only and platforms without OFD locks: what this process created, unlinked at exit.
+_created_here: dict[str, int] = {}
 
 
 class SharedBlock:
@@ -188,7 +209,7 @@ class SharedBlock:
     # Class-level defaults so close() works on a half-built instance.
     _mmap: mmap.mmap | None = None
     _view: memoryview | None = None
-    _fd: int = -1
+    _hold: _lifetime.Hold | None = None
     _owner_pid: int = 0
     _shm: object = None  # Windows fallback only
 
@@ -202,9 +223,7 @@ class SharedBlock:
         *,
         name: str | None = None,
         populate: bool = False,
-        keep_fd: bool = False,
-        pin_fd: bool = False,
-        unlink_at_exit: bool = True,
+        owner: bool = True,
     ) -> SharedBlock:
         """Create a new block of ``size`` bytes, zero-filled, readable by its owner only.
 
@@ -216,22 +235,20 @@ class SharedBlock:
             Exact name to use; a random name with :data:`PREFIX` when ``None``.
         populate
             Map every page now (``MAP_POPULATE``) so first writes take no page faults.
-        keep_fd
-            Keep the descriptor open (see :meth:`fileno`) until :meth:`close`.
-        pin_fd
-            Keep a descriptor for as long as the mapping lives (flock lifetime).
-        unlink_at_exit
-            Unlink the block when this process exits if nobody did before.
+        owner
+            Hold the block's OWNER lock (see :mod:`._lifetime`) until :meth:`drop_owner`.
 
         Raises
         ------
         AllocationError
-            The system cannot provide ``size`` bytes of shared memory.
+            The system cannot provide ``size`` bytes of shared memory, an inode
+            in /dev/shm, or a file descriptor.
         BlockExistsError
             ``name`` was given and a block of that name already exists.
         """
         if size <= 0:
             raise ValueError(f"a block needs a positive size, got {size}")
+        _reaper.maybe_reap_all()
         self = object.__new__(cls)
         self.readonly = False
         self.size = size
@@ -242,43 +259,59 @@ class SharedBlock:
         while True:
             self.name = normalize_name(name) if explicit else new_name()
             try:
-                self._fd = _posixshmem.shm_open(
+                fd = _posixshmem.shm_open(
                     "/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600
                 )
             except FileExistsError:
                 if explicit:
                     raise BlockExistsError(self.name) from None
                 continue  # random-name collision: draw again
+            except OSError as exc:
+                raise _exhausted(exc, f"create block {self.name!r}", size) or exc from None
             break
         self._owner_pid = os.getpid()
         try:
+            info = os.fstat(fd)
+            self._hold = _lifetime.Hold(
+                fd, self.name, writable=True, dev=info.st_dev, ino=info.st_ino
+            )
+        except BaseException:
+            os.close(fd)
+            unlink_block(self.name)
+            raise
+        try:
+            _lifetime.hold_shared(fd, wait=False)  # a new file: nobody else can hold it
+            if owner:
+                self._hold.take_owner()
             self._reserve(size)
-            self._map(size, populate=populate, pin_fd=pin_fd)
+            self._map(size, populate=populate)
         except BaseException:
             self.close()
             unlink_block(self.name)
             raise
-        if unlink_at_exit:
-            _owned.add(self.name)
-        if not keep_fd:
-            self.close_fd()
+        if not _lifetime.HAVE_OFD_LOCKS:
+            _created_here[self.name] = self._owner_pid
+        _reaper.exit_hook.arm()
         return self
 
     @classmethod
-    def attach(
-        cls,
-        name: str,
-        *,
-        readonly: bool = False,
-        keep_fd: bool = False,
-        pin_fd: bool = False,
-    ) -> SharedBlock:
+    def attach(cls, name: str, *, readonly: bool = False, wait: bool = True) -> SharedBlock:
         """Map the existing block ``name`` in full.
+
+        ``wait``: while another process holds the block exclusively (a reaper
+        judging it, a codec writer rewriting it: microseconds to milliseconds),
+        wait for it; without, raise :class:`BlockNotFoundError` ("busy") at once.
 
         Raises
         ------
         BlockNotFoundError
-            No block of that name exists.
+            No block of that name exists (or the name is a symlink, FIFO or directory).
+        UntrustedBlockError
+            The block belongs to another user, or group or others may write it.
+        LayoutError
+            The block's pages are not all allocated (Linux): reading it could SIGBUS.
+        AllocationError
+            No file descriptor or address space is left.
         TypeError
             ``name`` is not a string.
         """
@@ -292,34 +325,52 @@ class SharedBlock:
         # O_NONBLOCK: opening a FIFO named like a block must not hang (no effect on a block).
         access = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK
         try:
-            self._fd = _posixshmem.shm_open("/" + bare, access)
+            fd = _posixshmem.shm_open("/" + bare, access)
         except FileNotFoundError:
             raise BlockNotFoundError(bare) from None
+        except PermissionError:
+            raise UntrustedBlockError(
+                bare, f"block {bare!r} belongs to another user (permission denied)"
+            ) from None
         except OSError as exc:
-            if exc.errno != errno.EINVAL:  # glibc's answer for a directory of that name
-                raise
-            raise BlockNotFoundError(bare, f"{bare!r} is not a shared-memory block") from None
+            if exc.errno == errno.ELOOP:  # glibc opens with O_NOFOLLOW
+                raise BlockNotFoundError(
+                    bare, f"{bare!r} is a symbolic link, not a shared-memory block"
+                ) from None
+            if exc.errno == errno.EINVAL:  # glibc's answer for a directory of that name
+                raise BlockNotFoundError(bare, f"{bare!r} is not a shared-memory block") from None
+            raise _exhausted(exc, f"open block {bare!r}") or exc from None
         try:
-            info = os.fstat(self._fd)
-            if stat.S_IFMT(info.st_mode) in _NOT_A_BLOCK:
-                raise BlockNotFoundError(bare, f"{bare!r} is not a shared-memory block")
+            info = os.fstat(fd)
+            _check_trusted(bare, info)
+            self._hold = _lifetime.Hold(
+                fd, bare, writable=not readonly, dev=info.st_dev, ino=info.st_ino
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            if not _lifetime.try_lock(fd, _lifetime.HOLD, exclusive=False):
+                # A reaper (or a codec writer rewriting it) holds it for microseconds.
+                if not _lifetime.hold_shared(fd, wait=wait):
+                    raise BlockNotFoundError(bare, f"block {bare!r} is busy (being rewritten)")
+                _check_still_named(bare, info)
             self.size = info.st_size
             if self.size > 0:
-                self._map(self.size, populate=False, pin_fd=pin_fd)
+                self._map(self.size, populate=False)
             else:  # mmap refuses 0 bytes; an empty view lets the header parser say what is wrong
                 self._view = memoryview(b"")
         except BaseException:
             self.close()
             raise
-        if not keep_fd:
-            self.close_fd()
         return self
 
     # -- internals -------------------------------------------------------------------
 
     def _reserve(self, size: int) -> None:
+        fd = self.fileno()
         try:
-            os.ftruncate(self._fd, size)
+            os.ftruncate(fd, size)
         except OSError as exc:
             raise AllocationError(
                 f"cannot size shared-memory block {self.name!r} to {size} bytes: {exc.strerror}",
@@ -328,7 +379,7 @@ class SharedBlock:
         if not _HAVE_FALLOCATE:
             return
         try:
-            os.posix_fallocate(self._fd, 0, size)
+            os.posix_fallocate(fd, 0, size)
         except OSError as exc:
             if exc.errno in _FALLOCATE_UNSUPPORTED:
                 return
@@ -338,20 +389,25 @@ class SharedBlock:
                 size,
             ) from exc
 
-    def _map(self, size: int, *, populate: bool, pin_fd: bool) -> None:
+    def _map(self, size: int, *, populate: bool) -> None:
+        hold = self._hold
+        assert hold is not None
         flags = mmap.MAP_SHARED
         if populate and hasattr(mmap, "MAP_POPULATE"):
             flags |= mmap.MAP_POPULATE
         prot = mmap.PROT_READ if self.readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
             if sys.version_info >= (3, 13):
-                self._mmap = mmap.mmap(self._fd, size, flags=flags, prot=prot, trackfd=pin_fd)
+                # The hold's own descriptor carries the locks; mmap need not duplicate it.
+                self._mmap = mmap.mmap(hold.fd, size, flags=flags, prot=prot, trackfd=False)
             else:
-                self._mmap = mmap.mmap(self._fd, size, flags=flags, prot=prot)
+                self._mmap = mmap.mmap(hold.fd, size, flags=flags, prot=prot)
         except OSError as exc:
-            if exc.errno == errno.ENOMEM:
-                raise AllocationError(f"cannot map {size} bytes: {exc.strerror}", size) from exc
-            raise
+            raise _exhausted(exc, f"map {size} bytes of {self.name!r}", size) or exc from None
+        # The descriptor, and with it the HOLD lock, goes when the mapping goes: after the
+        # last view of it, however long after close() that is.
+        # Not at interpreter exit: the exit hook lets go of every hold at once (_reaper).
+        weakref.finalize(self._mmap, _mapping_gone, hold).atexit = False
         self._view = memoryview(self._mmap)
 
     def _create_windows(self, size: int, name: str | None) -> None:  # pragma: no cover
@@ -396,40 +452,51 @@ class SharedBlock:
         """Whether this process created the block (a forked child did not)."""
         return self._owner_pid == os.getpid()
 
+    @property
+    def hold(self) -> _lifetime.Hold:
+        """This mapping's descriptor and locks (see :mod:`._lifetime`).
+
+        Raises
+        ------
+        ValueError
+            The handle is closed.
+        """
+        hold = self._hold
+        if hold is None or hold.fd < 0:
+            raise ValueError(f"shared-memory block {self.name!r} is closed")
+        return hold
+
     def fileno(self) -> int:
-        """Return the kept descriptor (only with ``keep_fd=True``, before :meth:`close_fd`)."""
-        if self._fd < 0:
-            raise ValueError(f"no open descriptor for block {self.name!r}")
-        return self._fd
+        """Return this mapping's descriptor (valid until :meth:`close`)."""
+        return self.hold.fd
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the block at byte ``offset``.
 
-        With a kept descriptor (``keep_fd=True``) this is ``pwrite``: the kernel
-        copies into the block's pages without faulting them into this mapping,
-        much cheaper for fresh pages (1 GiB here: 0.56 s, against 0.9 s to
-        populate the mapping and copy through it). Otherwise it copies through
-        the mapping.
+        This is ``pwrite``: the kernel copies into the block's pages without
+        faulting them into this mapping, much cheaper for fresh pages (1 GiB
+        here: 0.56 s, against 0.9 s to populate the mapping and copy through it).
         """
         view = memoryview(data).cast("B")
         if offset < 0 or offset + len(view) > self.size:
             raise ValueError(f"{len(view)} bytes at offset {offset} overflow block {self.name!r}")
-        if self._fd >= 0 and _HAVE_PWRITE:
-            pwrite_all(self._fd, view, offset)
+        if _HAVE_PWRITE and self._hold is not None and self._hold.fd >= 0:
+            pwrite_all(self._hold.fd, view, offset)
         else:
             self.buf[offset : offset + len(view)] = view
 
-    def close_fd(self) -> None:
-        """Close the kept descriptor, if any; the mapping stays."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+    def lifetime_words(self, offset: int) -> _lifetime.LifetimeWords | None:
+        """The lifetime words at ``offset`` (a v2 header's), ``None`` if they cannot change."""
+        if self.readonly or not _lifetime.HAVE_OFD_LOCKS:
+            return None
+        return _lifetime.LifetimeWords(self.buf, self.fileno(), offset)
 
     def close(self) -> None:
         """Release this handle's mapping; idempotent.
 
-        Views handed out earlier stay valid: the mapping is unmapped when the
-        last of them is garbage collected.
+        Views handed out earlier stay valid: the mapping is unmapped, and its
+        descriptor closed (which drops this process's hold on the block), when
+        the last of them is garbage collected.
         """
         view, self._view = self._view, None
         mapping, self._mmap = self._mmap, None
@@ -441,21 +508,77 @@ class SharedBlock:
         if mapping is not None:
             with contextlib.suppress(BufferError):
                 mapping.close()
-        self.close_fd()
+            del mapping  # the last reference, unless views keep it: runs _mapping_gone
+        elif self._hold is not None and self._hold.fd >= 0:
+            _mapping_gone(self._hold)  # never mapped (an empty block, a failed create)
         shm, self._shm = self._shm, None
         if shm is not None:  # pragma: no cover - Windows
             with contextlib.suppress(BufferError):
                 shm.close()  # type: ignore[attr-defined]
 
     def unlink(self) -> None:
-        """Remove the block's name from the system; idempotent.
+        """Remove the block's name from the system now; idempotent.
 
         Mappings (in any process) stay valid until they are closed; no new
         process can attach afterwards.
         """
-        _owned.discard(self.name)
+        _created_here.pop(self.name, None)
         unlink_block(self.name)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.size} bytes"
         return f"<SharedBlock {self.name!r} {state}>"
+
+
+def _check_trusted(name: str, info: os.stat_result) -> None:
+    """Refuse what is not a block, not this user's, writable by others, or sparse."""
+    if stat.S_IFMT(info.st_mode) in _NOT_A_BLOCK or not stat.S_ISREG(info.st_mode):
+        raise BlockNotFoundError(name, f"{name!r} is not a shared-memory block")
+    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        raise UntrustedBlockError(
+            name,
+            f"block {name!r} belongs to uid {info.st_uid}, not to this user "
+            f"(uid {os.geteuid()}): refusing to read it",
+        )
+    if info.st_mode & _UNTRUSTED_MODE_BITS:
+        raise UntrustedBlockError(
+            name,
+            f"block {name!r} is writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):o}): refusing to read it",
+        )
+    # tmpfs counts allocated pages in st_blocks (512-byte units): a block we created is
+    # fully reserved; fewer blocks mean holes, whose first touch may SIGBUS when
+    # /dev/shm is full.
+    if _LINUX and info.st_blocks * 512 < info.st_size:
+        raise LayoutError(
+            f"block {name!r} has {info.st_blocks * 512} of its {info.st_size} bytes "
+            "allocated: reading the rest could crash this process (SIGBUS)"
+        )
+
+
+def _check_still_named(name: str, info: os.stat_result) -> None:
+    """After waiting for a reaper: the name must still be the file that was opened."""
+    if not _LINUX:
+        return
+    try:
+        now = os.stat(os.path.join(_reaper.SHM_DIR, name))
+    except FileNotFoundError:
+        raise BlockNotFoundError(name) from None
+    if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
+        raise BlockNotFoundError(name, f"block {name!r} was removed while being attached")
+
+
+def unlink_created_at_exit() -> None:
+    """Platforms without OFD locks: unlink what this process created (the old rule)."""
+    pid = os.getpid()
+    for name, creator in list(_created_here.items()):
+        if creator == pid:
+            with contextlib.suppress(OSError):
+                unlink_block(name)
+    _created_here.clear()
+
+
+if not _lifetime.HAVE_OFD_LOCKS:  # pragma: no cover - macOS
+    import atexit
+
+    atexit.register(unlink_created_at_exit)

@@ -107,31 +107,38 @@ can have written them; accept tokens only from processes you trust.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import mmap
 import os
 import pickle
 import re
 import struct
 import threading
+import time
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
+from . import _lifetime, _reaper
 from ._block import GENERATED_NAME_PATTERN, PREFIX, SharedBlock, pwrite_all
-from ._header import BlockKind, Header, align, encode_header, header_size_for, parse_header
+from ._header import (
+    BLOCK_ID_SIZE,
+    BlockKind,
+    Header,
+    align,
+    encode_header,
+    encoded_identity,
+    header_size_for,
+    parse_header,
+)
+from ._identity import IDENTITY_LENGTH, check_same_shm, shm_identity
 from .errors import BlockNotFoundError, LayoutError
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no flock, so no reuse
-    _HAVE_FLOCK = False
-else:
-    _HAVE_FLOCK = True
-
-__all__ = ["read", "release", "write"]
+__all__ = ["configure", "read", "release", "write"]
 
 TOKEN_PREFIX: Final = "SMA1:"
 MAX_BUFFERS: Final = 50_000
@@ -148,13 +155,20 @@ def _default_pool_bytes(shm_dir: str = "/dev/shm") -> int:
 
 
 POOL_MAX_BYTES: Final = _default_pool_bytes()
-MAX_MAPPED_LIVE: Final = 64
+POOL_BYTES_ENV: Final = "SHARED_MEMORY_ARRAY_POOL_BYTES"
+POOL_IDLE_SECONDS: Final = 2.0
+"""The pool is emptied this long after the writer's last write."""
+COLLECT_INTERVAL: Final = 0.5
+"""How often the writer's collector frees blocks that other processes released."""
+_SHM_DIR: Final = "/dev/shm"
 
 _MODE_SHARED: Final = "s"
 _MODE_INLINE: Final = "i"
 _MODE_FRAME: Final = "f"
 _SHARED_TOKEN: Final = re.compile(
-    re.escape(TOKEN_PREFIX + _MODE_SHARED + ":") + f"({GENERATED_NAME_PATTERN}):([0-9a-f]{{1,16}})"
+    re.escape(TOKEN_PREFIX + _MODE_SHARED + ":")
+    + f"({GENERATED_NAME_PATTERN}):([0-9a-f]{{1,16}}):([0-9a-f]{{{2 * BLOCK_ID_SIZE}}})"
+    + f":([0-9a-f]{{{IDENTITY_LENGTH}}})"
 )
 _BLOCK_ALIGNMENT: Final = 64
 _FRAME_ALIGNMENT: Final = 16
@@ -332,21 +346,46 @@ def _unpickle(payload: memoryview, spans: list[tuple[int, int]], where: str) -> 
 def _inline_token(pickled: _Pickled) -> str:
     if not pickled.buffers:
         stream = pickled.chunks[0] if len(pickled.chunks) == 1 else b"".join(pickled.chunks)
-        return f"{TOKEN_PREFIX}{_MODE_INLINE}:{binascii.hexlify(stream).decode('ascii')}"
+        return _seal(_MODE_INLINE, stream)
     spans, end = _place(pickled, _table_size(len(pickled.buffers)), _FRAME_ALIGNMENT)
     frame = bytearray(end)
     table = _encode_table(spans)
     frame[: len(table)] = table
     _fill(memoryview(frame), pickled, spans)
-    return f"{TOKEN_PREFIX}{_MODE_FRAME}:{binascii.hexlify(frame).decode('ascii')}"
+    return _seal(_MODE_FRAME, frame)
+
+
+def _seal(mode: str, data: bytes | bytearray) -> str:
+    """``SMA1:<mode>:<crc32, 8 hex digits><data as hex>``."""
+    return f"{TOKEN_PREFIX}{mode}:{zlib.crc32(data):08x}{binascii.hexlify(data).decode('ascii')}"
+
+
+def _unseal(payload: str) -> bytes:
+    """The bytes of an inline payload, checked against its CRC-32 before anyone unpickles them.
+
+    Raises
+    ------
+    LayoutError
+        The payload is not hex, too short, or its checksum does not match.
+    """
+    try:
+        stored = int(payload[:8], 16) if len(payload) >= 8 else -1
+        data = binascii.unhexlify(payload[8:])
+    except ValueError as exc:  # binascii.Error, int(), or a non-ASCII str
+        raise LayoutError(f"malformed inline token: {exc}") from None
+    if stored < 0 or not payload[:8].isalnum():
+        raise LayoutError("malformed inline token: no checksum")
+    actual = zlib.crc32(data)
+    if actual != stored:
+        raise LayoutError(
+            f"inline token is damaged: checksum {actual:08x} does not match the stored {stored:08x}"
+        )
+    return data
 
 
 def _read_inline(mode: str, payload: str, readonly: bool) -> object:
     where = "inline token"
-    try:
-        data: bytes | bytearray = binascii.unhexlify(payload)
-    except ValueError as exc:  # binascii.Error, or a non-ASCII str
-        raise LayoutError(f"malformed inline token: {exc}") from None
+    data: bytes | bytearray = _unseal(payload)
     if mode == _MODE_INLINE:
         return _unpickle(memoryview(data), [(0, len(data))], where)
     if not readonly:
@@ -393,47 +432,33 @@ def _store(
     region[: len(_LIVE)] = _LIVE
 
 
-def create_block(pickled: _Pickled, *, keep_fd: bool = False) -> SharedBlock:
-    """Create a new codec block holding ``pickled`` (generation 0).
+def create_block(pickled: _Pickled) -> SharedBlock:
+    """Create a new codec block holding ``pickled`` (generation 0), owned by this process.
 
     The data goes in with ``pwrite`` into the pages ``posix_fallocate`` reserved,
     so this process never faults them into its mapping (measured on the
     reference machine, 1 GB: 0.52 s, against 0.83 s with ``MAP_POPULATE`` and a
-    copy through the mapping). The caller owns the block (it is unlinked at exit
-    unless unlinked before).
+    copy through the mapping).
 
     Raises
     ------
     AllocationError
-        Shared memory is full.
+        Shared memory, an inode in /dev/shm or a file descriptor is not available.
     """
     layout = _plan(pickled)
     size = align(layout.block_size, mmap.PAGESIZE)
-    block = SharedBlock.create(size, keep_fd=True)
+    block = SharedBlock.create(size)
     try:
         _store(block, pickled, layout, 0, fd=block.fileno())
-        if not keep_fd:
-            block.close_fd()
     except BaseException:
-        block.close()
         block.unlink()
+        block.close()
         raise
     return block
 
 
 def _state(buf: memoryview, header: Header) -> bytes:
     return bytes(buf[header.data_offset : header.data_offset + len(_LIVE)])
-
-
-def _try_flock(fd: int, *, exclusive: bool) -> bool:
-    """Take a shared or exclusive ``flock`` without waiting; ``False`` if another holds it."""
-    if not _HAVE_FLOCK:  # pragma: no cover - Windows: readers proceed, writers never reuse
-        return not exclusive
-    try:
-        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def _released_error(name: str, generation: int | None) -> BlockNotFoundError:
@@ -443,27 +468,39 @@ def _released_error(name: str, generation: int | None) -> BlockNotFoundError:
     )
 
 
-def _open_locked(
-    name: str, generation: int | None, *, readonly: bool
+def _open_checked(
+    name: str,
+    generation: int | None,
+    *,
+    readonly: bool,
+    block_id: bytes | None = None,
+    writer_must_live: bool = False,
 ) -> tuple[SharedBlock, Header]:
-    """Map block ``name`` with a shared lock pinned to the mapping; check its header and state.
+    """Map block ``name`` (holding it, see :mod:`._lifetime`); check its header and state.
 
     Raises
     ------
     BlockNotFoundError
-        The block is gone, or its object (of ``generation``, when given) was released.
+        The block is gone, its object (of ``generation``, when given) was
+        released, or (``writer_must_live``) its writer has exited.
     LayoutError
         The block's header or state word is invalid.
     """
-    block = SharedBlock.attach(name, readonly=readonly, keep_fd=True, pin_fd=True)
     try:
-        if not _try_flock(block.fileno(), exclusive=False):
-            # Only the writer takes the exclusive lock, and only to reuse a released block.
-            raise _released_error(name, generation)
-        block.close_fd()  # the mapping's own descriptor keeps the lock
+        # A writer holds HOLD exclusively only while it rewrites a released block.
+        block = SharedBlock.attach(name, readonly=readonly, wait=generation is None)
+    except BlockNotFoundError as exc:
+        if generation is not None and "busy" in str(exc):
+            raise _released_error(name, generation) from None
+        raise
+    try:
         header = parse_header(block.buf, expected_kind=BlockKind.CODEC, name=name)
         if generation is not None and header.generation != generation:
             raise _released_error(name, generation)
+        if block_id is not None and header.block_id != block_id:
+            raise BlockNotFoundError(
+                name, f"block {name!r} is not the block this token was made for"
+            )
         if header.nbytes < _STATE_SIZE:
             raise LayoutError(
                 f"block {name!r}: codec payload of {header.nbytes} bytes is shorter than "
@@ -474,16 +511,27 @@ def _open_locked(
             raise _released_error(name, generation)
         if state != _LIVE:
             raise LayoutError(f"block {name!r}: unknown codec state word {state!r}")
+        if writer_must_live and not block.hold.owner_elsewhere():
+            raise BlockNotFoundError(
+                name, f"the writer of block {name!r} has exited: its tokens are dead"
+            )
     except BaseException:
         block.close()
         raise
     return block, header
 
 
-def read_block(name: str, *, generation: int | None = None, readonly: bool = True) -> object:
+def read_block(
+    name: str,
+    *,
+    generation: int | None = None,
+    readonly: bool = True,
+    block_id: bytes | None = None,
+) -> object:
     """Rebuild the object in codec block ``name``; arrays are views on the block.
 
-    ``generation`` is checked when given (tokens carry it; ``SharedData`` does not).
+    ``generation`` is checked when given (tokens carry it, and then the writer
+    must still run; ``SharedData`` passes none).
 
     Raises
     ------
@@ -492,25 +540,37 @@ def read_block(name: str, *, generation: int | None = None, readonly: bool = Tru
     LayoutError
         The block is not a valid codec block.
     """
-    block, header = _open_locked(name, generation, readonly=readonly)
+    block, header = _open_checked(
+        name,
+        generation,
+        readonly=readonly,
+        block_id=block_id,
+        writer_must_live=generation is not None,
+    )
     try:
         where = f"block {name!r}"
         spans = _decode_table(header.extra, header.nbytes, _STATE_SIZE, where, exact=True)
         payload = block.buf[header.data_offset : header.data_offset + header.nbytes]
         return _unpickle(payload, spans, where)
     finally:
-        # Unmapped (and unlocked) now if the object holds no view; else with its last view.
+        # Unmapped (and no longer held) now if the object holds no view; else with its last view.
         block.close()
 
 
-def _release_foreign(name: str, generation: int) -> None:
-    """Mark generation ``generation`` of block ``name`` released (a block of another process)."""
+def _release_foreign(name: str, generation: int, block_id: bytes | None) -> None:
+    """Mark generation ``generation`` of block ``name`` released (a block of another process).
+
+    The writer notices within :data:`COLLECT_INTERVAL` and frees or pools it;
+    a writer that has exited cannot, so then the name goes now.
+    """
     try:
-        block, header = _open_locked(name, generation, readonly=False)
+        block, header = _open_checked(name, generation, readonly=False, block_id=block_id)
     except BlockNotFoundError:
         return  # gone, released or reused: nothing left to do
     try:
         block.buf[header.data_offset : header.data_offset + len(_RELEASED)] = _RELEASED
+        if not block.hold.owner_elsewhere():
+            block.unlink()
     finally:
         block.close()
 
@@ -518,19 +578,48 @@ def _release_foreign(name: str, generation: int) -> None:
 # -- this process's blocks -----------------------------------------------------------
 
 
+def _default_pool_limit() -> int:
+    value = os.environ.get(POOL_BYTES_ENV)
+    if value is not None:
+        try:
+            return max(0, int(value))
+        except ValueError:
+            warnings.warn(
+                f"ignoring {POOL_BYTES_ENV}={value!r}: not an integer", UserWarning, stacklevel=2
+            )
+    return POOL_MAX_BYTES
+
+
 @dataclass
 class _Written:
-    """A block this process wrote: its handle (mapping, and a descriptor for flock) and state.
-
-    Unmapped entries (beyond :data:`MAX_MAPPED_LIVE`) keep a closed handle, which still unlinks.
-    """
+    """A block this process wrote: its handle (mapping, descriptor, HOLD and OWNER) and state."""
 
     block: SharedBlock
     generation: int
     data_offset: int
+    lifetime_offset: int
 
     def state(self) -> bytes:
         return bytes(self.block.buf[self.data_offset : self.data_offset + len(_LIVE)])
+
+    def mark(self, state: bytes) -> None:
+        self.block.buf[self.data_offset : self.data_offset + len(state)] = state
+
+    def set_pooled(self, pooled: bool) -> None:
+        words = self.block.lifetime_words(self.lifetime_offset)
+        if words is not None:
+            words.set_state(_lifetime.STATE_POOLED if pooled else _lifetime.STATE_LIVE)
+
+    def still_named(self) -> bool:
+        """Whether the block's name still names this block (nobody unlinked or replaced it)."""
+        hold = self.block.hold
+        try:
+            info = os.stat(os.path.join(_SHM_DIR, self.block.name))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # no /dev/shm path here (macOS): cannot tell, trust it
+        return (info.st_dev, info.st_ino) == (hold.dev, hold.ino)
 
     def discard(self) -> None:
         self.block.unlink()
@@ -538,46 +627,66 @@ class _Written:
 
 
 class _Writer:
-    """The codec blocks this process wrote: live ones, and released ones kept for reuse."""
+    """The codec blocks this process wrote: live ones, and released ones kept for reuse.
+
+    A collector thread runs while there is anything to collect: every
+    :data:`COLLECT_INTERVAL` seconds it frees (or pools) the blocks other
+    processes released, and it empties the pool :data:`POOL_IDLE_SECONDS` after
+    the last write.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._collector: threading.Thread | None = None
+        self.pool_limit = _default_pool_limit()
         self._reset()
 
     def _reset(self) -> None:
         self._live: dict[str, _Written] = {}  # oldest first
-        self._unmapped: dict[str, _Written] = {}  # live, no longer kept mapped here
         self._pool: dict[str, _Written] = {}  # released, mapped, oldest first
         self._pool_bytes = 0
+        self._last_write = 0.0
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's blocks: a child must neither reuse nor unlink them."""
         self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._collector = None
         for entry in (*self._live.values(), *self._pool.values()):
             entry.block.close()
         self._reset()
 
-    def write(self, pickled: _Pickled) -> str:
+    def write(self, pickled: _Pickled, identity: str) -> str:
         layout = _plan(pickled)
         with self._lock:
             self._collect_released()
             entry = self._take_from_pool(layout.block_size)
             if entry is None:
-                block = create_block(pickled, keep_fd=_HAVE_FLOCK)
-                entry = _Written(block, 0, layout.header_size)
+                block = create_block(pickled)
+                _, lifetime_offset = encoded_identity(bytes(block.buf[: layout.header_size]))
+                entry = _Written(block, 0, layout.header_size, lifetime_offset)
             else:
                 try:
                     _store(entry.block, pickled, layout, entry.generation + 1)
                 except BaseException:
                     entry.discard()  # half rewritten: unlinked; closing it drops the lock
                     raise
-                fcntl.flock(entry.block.fileno(), fcntl.LOCK_UN)
+                finally:
+                    with contextlib.suppress(OSError, ValueError):
+                        # Back from exclusive to shared: readers may attach again.
+                        _lifetime.try_lock(entry.block.fileno(), _lifetime.HOLD, exclusive=False)
                 entry.generation += 1
                 entry.data_offset = layout.header_size
+                _, entry.lifetime_offset = encoded_identity(
+                    bytes(entry.block.buf[: layout.header_size])
+                )
             name = entry.block.name
             self._live[name] = entry
-            self._limit_mapped()
-        return f"{TOKEN_PREFIX}{_MODE_SHARED}:{name}:{entry.generation:x}"
+            self._last_write = time.monotonic()
+            block_id, _ = encoded_identity(bytes(entry.block.buf[: layout.header_size]))
+            self._start_collector()
+        return _shared_token(name, entry.generation, block_id, identity)
 
     def release(self, name: str, generation: int) -> bool:
         """Release a block written here; ``False`` if this process did not write it."""
@@ -585,47 +694,62 @@ class _Writer:
             entry = self._live.get(name)
             if entry is not None:
                 if entry.generation == generation:
-                    buf = entry.block.buf
-                    buf[entry.data_offset : entry.data_offset + len(_RELEASED)] = _RELEASED
+                    entry.mark(_RELEASED)
                     del self._live[name]
                     self._add_to_pool(entry)
-                return True
-            unmapped = self._unmapped.get(name)
-            if unmapped is not None:
-                if unmapped.generation == generation:
-                    del self._unmapped[name]
-                    unmapped.discard()
                 return True
             return name in self._pool  # a stale token of a pooled block: nothing to do
 
     def drop_all(self) -> None:
         """Unlink every block this process wrote and still tracks (tests; tokens then raise)."""
         with self._lock:
-            for entry in (*self._live.values(), *self._unmapped.values(), *self._pool.values()):
+            for entry in (*self._live.values(), *self._pool.values()):
                 entry.discard()
             self._reset()
+
+    def empty_pool(self) -> None:
+        """Free every pooled block now (``configure``, exit)."""
+        with self._lock:
+            self._trim_pool(0)
 
     def pooled_names(self) -> list[str]:
         """Names of the released blocks kept for reuse, oldest first."""
         with self._lock:
             return list(self._pool)
 
+    def live_names(self) -> list[str]:
+        """Names of the blocks written here whose tokens are live, oldest first."""
+        with self._lock:
+            return list(self._live)
+
+    # -- under self._lock --------------------------------------------------------------
+
     def _collect_released(self) -> None:
         released = [name for name, entry in self._live.items() if entry.state() == _RELEASED]
         for name in released:
             self._add_to_pool(self._live.pop(name))
 
+    def _pooling(self) -> bool:
+        """Whether released memory is kept: reuse on, and a write in the last idle period."""
+        recent = time.monotonic() - self._last_write < POOL_IDLE_SECONDS
+        return self.pool_limit > 0 and _lifetime.HAVE_OFD_LOCKS and recent
+
     def _add_to_pool(self, entry: _Written) -> None:
         size = entry.block.size
-        if not _HAVE_FLOCK or size > POOL_MAX_BYTES:
+        if not self._pooling() or size > self.pool_limit:
             entry.discard()
             return
-        while self._pool and (
-            len(self._pool) >= POOL_MAX_BLOCKS or self._pool_bytes + size > POOL_MAX_BYTES
-        ):
-            self._drop_pooled(next(iter(self._pool))).discard()
+        self._trim_pool(self.pool_limit - size, max_blocks=POOL_MAX_BLOCKS - 1)
+        entry.set_pooled(True)
         self._pool[entry.block.name] = entry
         self._pool_bytes += size
+
+    def _trim_pool(self, max_bytes: int, *, max_blocks: int | None = None) -> None:
+        while self._pool and (
+            self._pool_bytes > max_bytes
+            or (max_blocks is not None and len(self._pool) > max_blocks)
+        ):
+            self._drop_pooled(next(iter(self._pool))).discard()
 
     def _drop_pooled(self, name: str) -> _Written:
         entry = self._pool.pop(name)
@@ -633,29 +757,54 @@ class _Writer:
         return entry
 
     def _take_from_pool(self, needed: int) -> _Written | None:
-        """Return a pooled block that fits ``needed`` bytes, exclusively locked, or ``None``."""
+        """Return a pooled block that fits ``needed`` bytes, held exclusively, or ``None``."""
         fitting = [
             entry
             for entry in self._pool.values()
             if needed <= entry.block.size <= _MAX_REUSE_WASTE * needed + mmap.PAGESIZE
         ]
         for entry in sorted(fitting, key=lambda entry: entry.block.size):
-            # Success proves no process maps the block any more (every reader holds LOCK_SH).
-            if _try_flock(entry.block.fileno(), exclusive=True):
+            if not entry.still_named():  # unlinked (or replaced) from outside: never hand out
+                self._drop_pooled(entry.block.name).discard()
+                continue
+            # Upgrading this description's HOLD to exclusive succeeds only if no other
+            # description maps the block: no reader has a view of it any more.
+            if _lifetime.try_lock(entry.block.fileno(), _lifetime.HOLD, exclusive=True):
                 return self._drop_pooled(entry.block.name)
         return None
 
-    def _limit_mapped(self) -> None:
-        while len(self._live) > MAX_MAPPED_LIVE:
-            name = next(iter(self._live))
-            entry = self._live.pop(name)
-            entry.block.close()  # the handle still unlinks
-            self._unmapped[name] = entry
+    # -- the collector -----------------------------------------------------------------
+
+    def _start_collector(self) -> None:
+        if self._collector is None or not self._collector.is_alive():
+            self._wake.clear()
+            self._collector = threading.Thread(
+                target=self._collect_forever, name="shared_memory_array-collector", daemon=True
+            )
+            self._collector.start()
+
+    def _collect_forever(self) -> None:
+        while not self._wake.wait(COLLECT_INTERVAL):
+            with self._lock:
+                with contextlib.suppress(Exception):  # never let the thread die on a bad block
+                    self._collect_released()
+                    if not self._pooling():
+                        self._trim_pool(0)
+                if not self._live and not self._pool:
+                    self._collector = None
+                    return
+
+    def shutdown(self) -> None:
+        """At exit: stop the collector and free the pool (live blocks die with the process)."""
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            self.empty_pool()
 
 
 _writer = _Writer()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_writer.after_fork_in_child)
+_reaper.exit_hook.before_exit.append(_writer.shutdown)
 
 
 # -- public API ----------------------------------------------------------------------
@@ -677,14 +826,56 @@ def _parse_token(token: object) -> tuple[str, str]:
     return mode, token[head:]
 
 
-def _parse_shared_token(token: str) -> tuple[str, int]:
+@dataclass(frozen=True)
+class _SharedToken:
+    name: str
+    generation: int
+    block_id: bytes
+    identity: str
+
+
+def _shared_token(name: str, generation: int, block_id: bytes, identity: str) -> str:
+    return f"{TOKEN_PREFIX}{_MODE_SHARED}:{name}:{generation:x}:{block_id.hex()}:{identity}"
+
+
+def _parse_shared_token(token: str) -> _SharedToken:
     match = _SHARED_TOKEN.fullmatch(token)
     if match is None:
         raise LayoutError(
             f"malformed shared-memory token {token[:80]!r} (expected "
-            f"'{TOKEN_PREFIX}{_MODE_SHARED}:{PREFIX}<16 hex digits>:<generation in hex>')"
+            f"'{TOKEN_PREFIX}{_MODE_SHARED}:{PREFIX}<16 hex digits>:<generation in hex>:"
+            "<block id, 32 hex digits>:<shm identity, 16 hex digits>')"
         )
-    return match[1], int(match[2], 16)
+    return _SharedToken(match[1], int(match[2], 16), bytes.fromhex(match[3]), match[4])
+
+
+def configure(*, pool_bytes: int | None = None) -> None:
+    """Set how much released memory this process keeps for its own next writes.
+
+    Parameters
+    ----------
+    pool_bytes
+        At most this many bytes of released blocks stay mapped for reuse (they
+        are freed 2 seconds after this process's last write anyway); ``0``
+        turns reuse off and frees the pool now. ``None`` restores the default:
+        ``$SHARED_MEMORY_ARRAY_POOL_BYTES``, else an eighth of /dev/shm, at most 2 GiB.
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``pool_bytes`` is not a non-negative int.
+    """
+    if pool_bytes is None:
+        limit = _default_pool_limit()
+    else:
+        if isinstance(pool_bytes, bool) or not isinstance(pool_bytes, int):
+            raise TypeError(f"pool_bytes must be an int or None, not {type(pool_bytes).__name__}")
+        if pool_bytes < 0:
+            raise ValueError(f"pool_bytes must be >= 0, got {pool_bytes}")
+        limit = pool_bytes
+    with _writer._lock:
+        _writer.pool_limit = limit
+        _writer._trim_pool(limit)
 
 
 def write(obj: object, *, threshold: int = 1_000_000) -> str:
@@ -722,8 +913,8 @@ def write(obj: object, *, threshold: int = 1_000_000) -> str:
     if pickled.nbytes < threshold:
         return _inline_token(pickled)
     try:
-        return _writer.write(pickled)
-    except MemoryError as exc:  # AllocationError, or the mapping failed
+        return _writer.write(pickled, shm_identity())
+    except MemoryError as exc:  # AllocationError: no memory, inode or descriptor left
         warnings.warn(
             f"shared memory unavailable ({exc}); sending {pickled.nbytes} bytes inline",
             UserWarning,
@@ -756,8 +947,11 @@ def read(token: str, *, readonly: bool = True) -> object:
     mode, payload = _parse_token(token)
     if mode != _MODE_SHARED:
         return _read_inline(mode, payload, readonly)
-    name, generation = _parse_shared_token(token)
-    return read_block(name, generation=generation, readonly=readonly)
+    shared = _parse_shared_token(token)
+    check_same_shm(shared.name, shared.identity)
+    return read_block(
+        shared.name, generation=shared.generation, readonly=readonly, block_id=shared.block_id
+    )
 
 
 def release(token: str) -> None:
@@ -775,9 +969,11 @@ def release(token: str) -> None:
     LayoutError
         The token is malformed, or its block's header is invalid.
     """
-    mode, _ = _parse_token(token)
+    mode, payload = _parse_token(token)
     if mode != _MODE_SHARED:
+        _unseal(payload)  # a malformed inline token raises as read() would
         return
-    name, generation = _parse_shared_token(token)
-    if not _writer.release(name, generation):
-        _release_foreign(name, generation)
+    shared = _parse_shared_token(token)
+    check_same_shm(shared.name, shared.identity)
+    if not _writer.release(shared.name, shared.generation):
+        _release_foreign(shared.name, shared.generation, shared.block_id)

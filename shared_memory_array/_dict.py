@@ -359,7 +359,7 @@ class SharedDict(MutableMapping[Any, Any]):
             raise ValueError(f"a dict block of {total} bytes is too large")
         geometry = _Geometry(control, table, slots, max_items, heap, heap_size)
         header = encode_header(BlockKind.DICT, nbytes=total - control, extra=geometry.pack())
-        block = SharedBlock.create(total, name=block_name, keep_fd=True)
+        block = SharedBlock.create(total, name=block_name)
         try:
             Heap.format(block.buf, heap, heap_size)
             block.buf[: len(header)] = header  # last: attach refuses the block until now
@@ -381,7 +381,7 @@ class SharedDict(MutableMapping[Any, Any]):
             The block is not a dict, or its header or geometry is corrupt.
         """
         block_name = _block_name(name, for_attach=True)
-        block = SharedBlock.attach(block_name, keep_fd=True)
+        block = SharedBlock.attach(block_name)
         try:
             where = f"block {block_name!r}"
             header = parse_header(block.buf, expected_kind=BlockKind.DICT, name=block_name)
@@ -420,7 +420,6 @@ class SharedDict(MutableMapping[Any, Any]):
         self._cache = {}
         self._cache_version = -1
         self._lock = BlockLock.for_block(block)
-        block.close_fd()  # the lock keeps its own descriptor
         return self
 
     # -- locking and crash repair ------------------------------------------------------

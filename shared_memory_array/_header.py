@@ -88,6 +88,7 @@ __all__ = [
     "HeaderFlags",
     "align",
     "encode_header",
+    "encoded_identity",
     "header_size_for",
     "parse_header",
     "peek_creator",
@@ -217,6 +218,12 @@ def encode_header(
     raw[: len(body)] = body
     struct.pack_into("<I", raw, _CHECKSUM_OFFSET, zlib.crc32(memoryview(raw)[:header_size]))
     return bytes(raw)
+
+
+def encoded_identity(raw: bytes) -> tuple[bytes, int]:
+    """``(block_id, lifetime_offset)`` of a header :func:`encode_header` just returned."""
+    (header_size,) = struct.unpack_from("<I", raw, 16)
+    return bytes(raw[_V1_FIXED_SIZE:FIXED_SIZE]), header_size
 
 
 def header_size_for(*, ndim: int = 0, descr_len: int = 0, extra_len: int = 0) -> int:

@@ -69,9 +69,8 @@ class SharedData:
     _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, obj: object) -> None:
-        block = create_block(pickle_out_of_band(obj))
-        block.close()  # the writer needs no mapping; the handle still unlinks
-        self._block = block
+        # Kept open until the end: this process holds the block for as long as it serves it.
+        self._block = create_block(pickle_out_of_band(obj))
 
     @property
     def name(self) -> str:
@@ -97,6 +96,7 @@ class SharedData:
     def unlink(self) -> None:
         """Remove the block now (idempotent); objects already loaded stay valid."""
         self._block.unlink()
+        self._block.close()
         with self._cache_lock:
             self._cache.pop(self.name, None)
 

@@ -228,17 +228,31 @@ def test_views_stay_valid_after_close_and_unlink() -> None:
         sa.as_array()
 
 
-def test_dropping_the_owner_handle_unlinks_but_keeps_views_valid() -> None:
-    """A garbage-collected owner handle unlinks its block; its views stay valid."""
+def test_dropping_the_owner_handle_keeps_the_block_while_a_view_holds_it() -> None:
+    """A garbage-collected owner handle is an implicit end: its views keep the block, then it goes."""
     owner = SharedArray.copy(None, np.arange(5))
     name, view = owner.name, owner.as_array()
     del owner
     gc.collect()
-    with pytest.raises(BlockNotFoundError):
-        SharedArray.attach(name)
-    assert view.tolist() == [0, 1, 2, 3, 4]
+    other = SharedArray.attach(name)  # still there: this process holds it through the view
+    assert other.as_array().tolist() == [0, 1, 2, 3, 4]
+    other.close()
     view[0] = 10
     assert view[0] == 10
+    del view
+    gc.collect()
+    with pytest.raises(BlockNotFoundError):  # the last mapping went, and nobody owned it
+        SharedArray.attach(name)
+
+
+def test_dropping_the_owner_handle_without_views_unlinks_at_once() -> None:
+    """The owner handle garbage collected with no view and no other holder: the block goes now."""
+    owner = SharedArray.allocate(None, 3, "f4")
+    name = owner.name
+    del owner
+    gc.collect()
+    with pytest.raises(BlockNotFoundError):
+        SharedArray.attach(name)
 
 
 def test_owner_close_unlinks_and_client_close_does_not() -> None:

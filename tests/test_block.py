@@ -18,7 +18,8 @@ from shared_memory_array import (
     BlockNotFoundError,
     SharedArrayError,
 )
-from shared_memory_array._block import PREFIX, SharedBlock, _owned, normalize_name, unlink_block
+from shared_memory_array._block import PREFIX, SharedBlock, normalize_name, unlink_block
+from shared_memory_array._reaper import exit_hook
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -155,10 +156,10 @@ def test_block_larger_than_dev_shm_raises_allocation_error() -> None:
 
 
 def test_forked_child_exit_does_not_unlink_parent_blocks(block: SharedBlock) -> None:
-    """The at-exit unlinking a forked child inherits leaves its parent's blocks alone."""
+    """The exit hook a forked child runs (let go of everything, reap) leaves its parent's blocks."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
-        _owned.unlink_all()
+        exit_hook.run()
         os._exit(0)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -177,11 +178,15 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_owner_process_exit_unlinks_its_blocks() -> None:
-    """Blocks a process created and did not unlink are unlinked when it exits normally."""
+    """Blocks a process created, kept and did not unlink are unlinked when it exits normally."""
     done = _run(
         """
         from shared_memory_array._block import SharedBlock
-        print(SharedBlock.create(128).name)
+        from shared_memory_array._header import BlockKind, encode_header
+        block = SharedBlock.create(4096)
+        header = encode_header(BlockKind.CODEC, nbytes=0)
+        block.buf[: len(header)] = header
+        print(block.name)
         """
     )
     assert done.returncode == 0, done.stderr
