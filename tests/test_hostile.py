@@ -138,13 +138,16 @@ def run_batch(cases: list[Case], templates: dict[str, Template]) -> list[str]:
     Returns the entry points that are still placeholders (their results are not checked).
     """
     names: list[str] = []
+    held: list[SharedBlock] = []  # held while the child runs: an unheld block is an orphan
     specs = []
     try:
         for index, case in enumerate(cases):
             name = PREFIX + secrets.token_hex(8)
             if not case.missing:
                 names.append(name)
-                _write_case_block(name, case)
+                block = _write_case_block(name, case)
+                if block is not None:
+                    held.append(block)
             args = {"cli.inspect": name}
             for entry, template_key in ENTRY_KINDS.items():
                 arg = templates[template_key].arg_for(name)
@@ -153,6 +156,8 @@ def run_batch(cases: list[Case], templates: dict[str, Template]) -> list[str]:
             specs.append({"id": index, "block": name, "args": args})
         results = _run_child(specs)
     finally:
+        for block in held:
+            block.close()
         for name in names:
             path = os.path.join(SHM_DIR, name)
             if os.path.isdir(path):
@@ -162,23 +167,25 @@ def run_batch(cases: list[Case], templates: dict[str, Template]) -> list[str]:
     return _check(cases, specs, results, templates)
 
 
-def _write_case_block(name: str, case: Case) -> None:
-    """Create the block at its original size, fill it, and shrink it to the case's length."""
+def _write_case_block(name: str, case: Case) -> SharedBlock | None:
+    """Create the block at its original size, fill it, and shrink it to the case's length.
+
+    Returns the creating handle, still open (so the block is held), or ``None`` for
+    entries that are not blocks.
+    """
     path = os.path.join(SHM_DIR, name)
     if case.file_type == "fifo":
         os.mkfifo(path, 0o600)
-        return
+        return None
     if case.file_type == "directory":
         os.mkdir(path, 0o700)
-        return
+        return None
     size = max(case.created_size, len(case.content), 1)
-    block = SharedBlock.create(size, name=name, unlink_at_exit=True)
-    try:
-        block.buf[: len(case.content)] = case.content
-    finally:
-        block.close()
+    block = SharedBlock.create(size, name=name)
+    block.buf[: len(case.content)] = case.content
     if size != len(case.content):
         os.truncate(path, len(case.content))
+    return block
 
 
 def _run_child(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
