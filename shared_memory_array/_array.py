@@ -232,6 +232,14 @@ def _check_manager(manager: object) -> SharedMemoryManager | None:
     return manager
 
 
+def _check_safe(layout: ArrayLayout) -> None:
+    """What even the ``_unsafe`` constructors check: a layout that cannot crash the encoder."""
+    if any(d < 0 for d in layout.shape) or len(layout.shape) > 64:
+        raise ValueError(f"shape {layout.shape} has a negative dimension or too many")
+    if layout.nbytes > _MAX_NBYTES:
+        raise ValueError(f"array of shape {layout.shape} is too big ({layout.nbytes} bytes)")
+
+
 class SharedArray:
     """A handle to one numpy array in a named shared-memory block.
 
@@ -277,6 +285,7 @@ class SharedArray:
     def _create(
         cls, manager: SharedMemoryManager | None, layout: ArrayLayout, source: Any = None
     ) -> Self:
+        _check_safe(layout)
         header = layout.header()
         # A source already in the block's order goes in by pwrite, without faulting the
         # pages into this mapping; anything else is copied through a populated mapping.

@@ -50,7 +50,7 @@ def pool_script() -> None:  # pragma: no cover - run as a script by the tests
         with get_context("spawn").Pool(2) as pool:
             tokens = pool.map(write_token, range(6))
             for index, token in enumerate(tokens):
-                assert int(read(token)[0]) == index
+                assert int(np.asarray(read(token))[0]) == index
                 release(token)
                 names.append(token.split(":")[2])
     print(" ".join(names))
@@ -68,4 +68,7 @@ def pickle_and_exit(path: str) -> None:  # pragma: no cover - run as a script by
 
 
 if __name__ == "__main__":  # pragma: no cover
-    {"pool": pool_script, "pickle": lambda: pickle_and_exit(sys.argv[2])}[sys.argv[1]]()
+    if sys.argv[1] == "pool":
+        pool_script()
+    else:
+        pickle_and_exit(sys.argv[2])
