@@ -229,7 +229,7 @@ def test_views_stay_valid_after_close_and_unlink() -> None:
 
 
 def test_dropping_the_owner_handle_keeps_the_block_while_a_view_holds_it() -> None:
-    """A garbage-collected owner handle is an implicit end: its views keep the block till they go."""
+    """A garbage-collected owner handle is an implicit end: its views keep the block alive."""
     owner = SharedArray.copy(None, np.arange(5))
     name, view = owner.name, owner.as_array()
     del owner

@@ -372,7 +372,8 @@ def test_a_creator_in_another_time_namespace_is_never_cleaned_while_alive() -> N
         assert name not in cleanup().cleaned
         assert _exists(name)
     finally:
-        assert child.stdin is not None and child.stdout is not None
+        assert child.stdin is not None
+        assert child.stdout is not None
         child.stdin.close()
         child.wait(TIMEOUT)
         child.stdout.close()
