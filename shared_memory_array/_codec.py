@@ -11,9 +11,19 @@ Tokens
 ------
 ASCII strings, ``SMA1:<mode>:<payload>``:
 
-* ``SMA1:s:<block name>:<generation, hex>`` -- shared; printable, under 50 characters.
-* ``SMA1:i:<hex>`` -- inline pickle stream without out-of-band buffers.
-* ``SMA1:f:<hex>`` -- inline *frame*: buffer table, stream and buffers (below).
+* ``SMA1:s:<block name>:<generation, hex>:<block id, 32 hex>:<shm identity, 16 hex>``
+  -- shared; printable, under 100 characters. The block id (from the header)
+  tells the block from another of the same name; the identity (:mod:`._identity`)
+  tells this host's /dev/shm from another's, so a token read elsewhere raises
+  instead of reading a stranger.
+* ``SMA1:i:<crc32, 8 hex><hex>`` -- inline pickle stream without out-of-band buffers.
+* ``SMA1:f:<crc32, 8 hex><hex>`` -- inline *frame*: buffer table, stream and buffers
+  (below).
+
+Inline payloads carry the CRC-32 of their bytes, checked before anything is
+unpickled: a damaged token is a :class:`~shared_memory_array.LayoutError`,
+never bytes handed to numpy's or pickle's constructors (fuzzing found inputs
+there that crash or hang the reader).
 
 Inline payloads are hex, not base64: the token must be ASCII, and encoding plus
 decoding a 10 KB pickle takes ~15 µs with ``binascii.hexlify``/``unhexlify``
@@ -59,25 +69,32 @@ copy non-contiguous and datetime arrays in band.
 
 Lifetime and reuse (steady state at memory speed)
 -------------------------------------------------
-First-touching fresh shared memory costs far more than copying into it, so a
-process that writes repeatedly reuses the memory of its own released blocks:
+The block rule of API.md section 0 (:mod:`._lifetime`, :mod:`._reaper`), with
+the codec's policy on top:
 
-* Every reader maps the block through its own open file, takes
-  ``flock(LOCK_SH)`` on it and lets the mapping keep that descriptor
-  (``pin_fd``): the shared lock lives exactly as long as any view of the block
-  in that process, and the kernel drops it if the process dies.
+* The writer holds each block it wrote (HOLD) and owns it (OWNER) until the
+  token is released. Readers hold it while any view of it lives. A token is
+  readable only while its writer owns the block: once the writer exits (or is
+  killed) reading it raises :class:`~shared_memory_array.BlockNotFoundError`,
+  while views already handed out stay valid.
 * ``release(token)`` -- from any process -- checks the generation and sets the
-  state word to ``released`` under a shared lock. Nothing else changes the
-  payload of a live block.
-* The writer keeps its own mapping and descriptor of each block it wrote. At
-  its next write it moves released ones to a small pool (at most
-  :data:`POOL_MAX_BLOCKS` blocks and :data:`POOL_MAX_BYTES` bytes: 2 GiB, or an
-  eighth of /dev/shm if smaller; the rest are unlinked), and reuses one that is
-  big enough, but at most twice too big, only after
-  ``flock(LOCK_EX | LOCK_NB)`` succeeds on it: proof that no process maps it
-  any more. It rewrites payload and header, with the generation bumped, under
-  that lock. A reader holding an old token either fails to take its shared
-  lock (rewrite in progress) or sees another generation: it raises
+  state word to ``released``: the token is dead at once everywhere. The writer
+  frees the block (unlinks it and drops its mapping) at once if it released it
+  itself, else within :data:`COLLECT_INTERVAL` (a collector thread that runs
+  only while this process has blocks to watch). A writer that is gone cannot:
+  then the releasing reader unlinks the name itself.
+* The one exception: the writer keeps released blocks to reuse for its own
+  next writes (first touching fresh shared memory costs far more than copying
+  into it), at most ``pool_bytes`` of them (:func:`configure`; default an eighth
+  of /dev/shm, at most 2 GiB; ``$SHARED_MEMORY_ARRAY_POOL_BYTES``; 0 turns reuse
+  off) and :data:`POOL_MAX_BLOCKS`, and only while it keeps writing: the pool
+  is emptied :data:`POOL_IDLE_SECONDS` after the last write. A pooled block is
+  marked ``pooled`` in its lifetime words (``list_blocks`` shows it).
+* A pooled block is reused only if its name still names it (nobody unlinked
+  or replaced it) and only after the writer's HOLD upgrades to exclusive: proof
+  that no other process maps it any more. It rewrites payload and header, with
+  the generation bumped, under that lock. A reader holding an old token either
+  finds it held (rewrite in progress) or sees another generation: it raises
   :class:`~shared_memory_array.BlockNotFoundError`, never returns another
   object's bytes. A live view is never overwritten.
 * New blocks are reserved with ``posix_fallocate`` and filled with ``pwrite``
@@ -87,17 +104,9 @@ process that writes repeatedly reuses the memory of its own released blocks:
   first *reuse* of a block faults the writer's mapping in once (about what
   ``MAP_POPULATE`` would have cost at creation); every later reuse copies into
   mapped pages at memcpy speed (77 ms/GB here, against 172 ms for ``pwrite``).
-* Without ``release`` a block lives until its writer exits (the block layer
-  unlinks what a process created at interpreter exit; in multiprocessing
-  children, which skip ``atexit``, a multiprocessing finalizer does it), never
-  shorter because a reader exited. A writer killed by a signal (including
-  workers of a ``Pool`` ended by ``terminate()``, as ``with Pool()`` does)
-  leaves its blocks to ``cleanup()``.
-* A released block is pooled or unlinked at once when the writer itself
-  releases it, otherwise at the writer's next :func:`write` or at its exit.
-  The writer keeps at most :data:`MAX_MAPPED_LIVE` unreleased blocks mapped
-  (each holds a descriptor); older ones are unlinked only when the writer
-  itself releases them, or exits.
+* Every outstanding token costs the writer one descriptor (two on Python <
+  3.13, whose ``mmap`` duplicates it). When none is left, :func:`write` falls
+  back to an inline token with a ``UserWarning``.
 
 Security: reading a token unpickles data, which can run code, exactly like
 :func:`pickle.loads`. Blocks are created with mode 0600, so only the same user
