@@ -166,6 +166,16 @@ class ArrayLayout:
     @classmethod
     def from_header(cls, header: Header, name: str) -> ArrayLayout:
         """The layout a parsed array header describes; LayoutError if it is not one we write."""
+        layout = _layouts.get(header)
+        if layout is None:
+            layout = cls._from_header(header, name)
+            if len(_layouts) >= 512:
+                _layouts.clear()
+            _layouts[header] = layout  # a header whose layout checked out once always does
+        return layout
+
+    @classmethod
+    def _from_header(cls, header: Header, name: str) -> ArrayLayout:
         if header.dtype is None:
             raise LayoutError(f"array block {name!r} has no dtype in its header")
         if header.dtype.itemsize == 0:
@@ -178,6 +188,9 @@ class ArrayLayout:
                 f"{layout.shape} and dtype {layout.dtype}"
             )
         return layout
+
+
+_layouts: dict[Header, ArrayLayout] = {}
 
 
 def _raw_bytes(source: NDArray[Any], layout: ArrayLayout) -> memoryview | None:

@@ -184,6 +184,15 @@ def _mapping_gone(hold: _lifetime.Hold) -> None:
         _reaper.after_last_mapping(name)
 
 
+_mapping_refs: dict[weakref.ref[mmap.mmap], _lifetime.Hold] = {}
+
+
+def _mapping_collected(ref: weakref.ref[mmap.mmap]) -> None:
+    hold = _mapping_refs.pop(ref, None)
+    if hold is not None:
+        _mapping_gone(hold)
+
+
 # Windows-only and platforms without OFD locks: what this process created, unlinked at exit.
 _created_here: dict[str, int] = {}
 
@@ -406,8 +415,10 @@ class SharedBlock:
             raise _exhausted(exc, f"map {size} bytes of {self.name!r}", size) or exc from None
         # The descriptor, and with it the HOLD lock, goes when the mapping goes: after the
         # last view of it, however long after close() that is.
-        # Not at interpreter exit: the exit hook lets go of every hold at once (_reaper).
-        weakref.finalize(self._mmap, _mapping_gone, hold).atexit = False
+        # A weak reference with a callback (cheaper than weakref.finalize, and not run at
+        # interpreter exit, where the exit hook lets go of every hold at once: _reaper).
+        ref = weakref.ref(self._mmap, _mapping_collected)
+        _mapping_refs[ref] = hold
         self._view = memoryview(self._mmap)
 
     def _create_windows(self, size: int, name: str | None) -> None:  # pragma: no cover

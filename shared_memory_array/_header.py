@@ -248,6 +248,11 @@ def peek_creator(buf: memoryview | bytes) -> tuple[int, int] | None:
     return fields[9], fields[11]
 
 
+_parsed: dict[bytes, Header] = {}
+_PARSED_MAX: Final = 512
+_HEADER_SIZE_AT: Final = struct.Struct("<I")
+
+
 def parse_header(
     buf: memoryview | bytes,
     *,
@@ -256,6 +261,10 @@ def parse_header(
     verify_checksum: bool = True,
 ) -> Header:
     """Decode and validate the header at the start of ``buf`` (the whole block).
+
+    Headers whose exact bytes passed every check before (CRC included) come
+    from a per-process cache; the checks that depend on the block's size and
+    on ``expected_kind`` are made again on every call.
 
     Parameters
     ----------
@@ -273,6 +282,58 @@ def parse_header(
     LayoutError
         Anything is wrong; the message names the field and the bad value.
     """
+    size = len(buf)
+    if size >= _V1_FIXED_SIZE:
+        (header_size,) = _HEADER_SIZE_AT.unpack_from(buf, 16)
+        if header_size <= min(size, MAX_HEADER_SIZE):
+            raw = bytes(buf[:header_size])
+            header = _parsed.get(raw)
+            if header is not None:
+                _check_fits(header, size, f"block {name!r}")
+                _check_kind(header.kind, expected_kind, f"block {name!r}")
+                return header
+            header = _parse_uncached(
+                buf, expected_kind=expected_kind, name=name, verify_checksum=verify_checksum
+            )
+            if verify_checksum:
+                if len(_parsed) >= _PARSED_MAX:
+                    _parsed.clear()
+                _parsed[raw] = header
+            return header
+    return _parse_uncached(
+        buf, expected_kind=expected_kind, name=name, verify_checksum=verify_checksum
+    )
+
+
+def _check_kind(kind: BlockKind, expected_kind: BlockKind | None, where: str) -> None:
+    if expected_kind is not None and kind != expected_kind:
+        raise LayoutError(
+            f"{where} holds a block of kind {kind.name.lower()!r}, "
+            f"not {expected_kind.name.lower()!r}"
+        )
+
+
+def _check_fits(header: Header, size: int, where: str) -> None:
+    """The checks that depend on the block's size (a cached header may meet a shrunk block)."""
+    if header.header_size > size:
+        raise LayoutError(
+            f"{where}: header_size {header.header_size} is invalid for a {size}-byte block"
+        )
+    if header.data_offset + header.nbytes > size:
+        raise LayoutError(
+            f"{where}: payload of {header.nbytes} bytes at offset {header.data_offset} exceeds "
+            f"the {size}-byte block (truncated or shrunk?)"
+        )
+
+
+def _parse_uncached(
+    buf: memoryview | bytes,
+    *,
+    expected_kind: BlockKind | None,
+    name: str,
+    verify_checksum: bool,
+) -> Header:
+    """:func:`parse_header` itself, every check made on the bytes (no cache)."""
     size = len(buf)
     where = f"block {name!r}"
     if size < _V1_FIXED_SIZE:
@@ -318,11 +379,7 @@ def parse_header(
         kind = BlockKind(kind_value)
     except ValueError:
         raise LayoutError(f"{where}: unknown block kind {kind_value}") from None
-    if expected_kind is not None and kind != expected_kind:
-        raise LayoutError(
-            f"{where} holds a block of kind {kind.name.lower()!r}, "
-            f"not {expected_kind.name.lower()!r}"
-        )
+    _check_kind(kind, expected_kind, where)
     if flags_value & ~_KNOWN_FLAGS:
         raise LayoutError(f"{where}: unknown header flags {flags_value:#x}")
     if reserved:
@@ -340,9 +397,8 @@ def parse_header(
     if data_offset % ALIGNMENT or data_offset < header_size + lifetime_size:
         raise LayoutError(f"{where}: data_offset {data_offset} is invalid")
     if data_offset + nbytes > size:
-        raise LayoutError(
-            f"{where}: payload of {nbytes} bytes at offset {data_offset} exceeds the "
-            f"{size}-byte block (truncated or shrunk?)"
+        _check_fits(
+            Header(kind, HeaderFlags.NONE, (), (), None, data_offset, nbytes, 0, 0), size, where
         )
     dims = struct.unpack_from(f"<{2 * ndim}q", buf, fixed_size)
     shape, strides = tuple(dims[:ndim]), tuple(dims[ndim:])
