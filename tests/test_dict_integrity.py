@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,7 +40,10 @@ def shared() -> Iterator[SharedDict]:
 
 def fork(body: Callable[[], None]) -> int:
     """Run ``body`` in a forked child that exits 0 if it returns, 1 if it raises."""
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # Python 3.12+ warns about fork() with threads running: forking then is the point.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
@@ -138,7 +142,52 @@ def test_fork_inside_lock_gives_child_a_sane_lock(shared: SharedDict) -> None:
     assert (shared["in_child"], shared["after"], shared["parent"]) == (pid, 2, 3)
 
 
+def test_child_forked_while_a_thread_holds_the_lock_waits_for_it(shared: SharedDict) -> None:
+    """A child forked while another thread holds lock() gets its own lock, free once released."""
+    shared["n"] = 0
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with shared.lock():
+            shared["n"] = 1
+            holding.set()
+            release.wait(TIMEOUT)
+            shared["n"] = 2
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(TIMEOUT)
+
+    def child() -> None:
+        with shared.lock():  # waits for the parent's thread, not for a lock this child holds
+            assert shared["n"] == 2
+            shared["n"] = 3
+
+    pid = fork(child)
+    release.set()
+    holder.join(TIMEOUT)
+    assert wait_exit_code(pid) == 0
+    assert shared["n"] == 3
+
+
 # -- finding 9: an exception inside ``with d.lock()`` ----------------------------------------
+
+
+def test_interrupt_inside_a_write_is_repaired_before_it_leaves(
+    shared: SharedDict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A KeyboardInterrupt after a write published, before it freed, leaves a sound dict."""
+    shared["k"] = "old" * 100
+    monkeypatch.setattr(
+        Heap, "free", lambda self, payload: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
+    with shared.lock():
+        with pytest.raises(KeyboardInterrupt):
+            shared["k"] = "new" * 100
+        monkeypatch.undo()
+        assert shared["k"] in ("old" * 100, "new" * 100)
+        assert not shared._journal.pending
+    shared._check()  # the replaced entry is not leaked
 
 
 def test_memory_error_inside_lock_leaves_no_half_update(
