@@ -20,7 +20,10 @@ is repaired before the exception leaves it, so a caller who catches it inside
 
 Reads are served from a per-handle cache of small values while the shared
 version is unchanged; any mutation anywhere bumps the version, so a read never
-returns a value older than the last completed write. A cache miss on x86 reads
+returns a value older than the last completed write. Immutable values (scalars,
+and tuples and frozensets of them) are cached as the objects themselves, others
+as their pickle, so every read of a mutable value gets a fresh object. A cache
+miss on x86 reads
 the table without the lock, seqlock-style, and keeps the result only if no
 mutation was in progress and the version did not move meanwhile (else, and on
 other architectures, it reads under the lock); see :meth:`SharedDict._fetch`.
@@ -79,6 +82,8 @@ _DEFAULT_MAX_ITEMS: Final = 10_000
 # Keys whose dict equality matches canonical-bytes equality: cacheable by the key itself.
 _CACHEABLE_KEYS: Final = frozenset({str, int, bytes, float, bool, type(None)})
 _IMMUTABLE_VALUES: Final = frozenset({str, int, bytes, float, bool, complex, type(None)})
+_CONTAINERS: Final = frozenset({tuple, frozenset})
+_MAX_NESTING: Final = 8
 _MISSING: Final = object()
 _dumps = pickle.dumps
 _loads = pickle.loads
@@ -91,6 +96,19 @@ _ABSENT: Final = object()  # cached "no such key"
 
 class _Pickled(bytes):
     """A cached value kept as its pickle: each read gets a fresh object."""
+
+
+def _immutable(value: object, depth: int = 0) -> bool:
+    """Whether ``value`` is a tuple or frozenset made of immutable scalars, recursively.
+
+    Such a value may be cached as the object itself: no reader can change it.
+    Only the exact types count (a subclass may carry mutable attributes).
+    """
+    if type(value) in _IMMUTABLE_VALUES:
+        return True
+    if type(value) in _CONTAINERS and depth < _MAX_NESTING:
+        return all(_immutable(item, depth + 1) for item in value)  # type: ignore[attr-defined]
+    return False
 
 
 class _Closed:
@@ -367,10 +385,12 @@ class SharedDict(MutableMapping[Any, Any]):
             cache.clear()
         if type(value) in _IMMUTABLE_VALUES or value is _ABSENT:
             cache[key] = value
-        elif len(data) <= _CACHE_MAX_VALUE:
-            cache[key] = _Pickled(data)
-        else:
+        elif len(data) > _CACHE_MAX_VALUE:
             cache.pop(key, None)
+        elif type(value) in _CONTAINERS and _immutable(value):
+            cache[key] = value  # a tuple of scalars: hits need not unpickle
+        else:
+            cache[key] = _Pickled(data)
 
     # -- the mapping -------------------------------------------------------------------
 

@@ -217,6 +217,18 @@ def test_mutable_values_are_fresh_copies(shared: SharedDict) -> None:
     assert shared["list"] is not shared["list"]
 
 
+def test_cached_immutable_values_are_kept_as_objects(shared: SharedDict) -> None:
+    """Cached reads of tuples of scalars return the same object; with a list inside, fresh ones."""
+    shared["tuple"] = (1, "a", (2.5, None, b"x"), frozenset({3}))
+    assert shared["tuple"] == (1, "a", (2.5, None, b"x"), frozenset({3}))
+    assert shared["tuple"] is shared["tuple"]
+    shared["inner list"] = (1, [2])
+    first = shared["inner list"]
+    first[1].append(3)
+    assert shared["inner list"] == (1, [2])
+    assert shared["inner list"] is not shared["inner list"]
+
+
 def test_mapping_methods(shared: SharedDict) -> None:
     """get, pop, popitem, setdefault, update, keys/values/items and clear behave as on a dict."""
     shared.update({"a": 1, "b": 2}, c=3)
