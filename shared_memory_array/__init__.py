@@ -13,6 +13,7 @@ from ._codec import read as read
 from ._codec import release as release
 from ._codec import write as write
 from ._dict import SharedDict as SharedDict
+from ._dict import SharedDictLock as SharedDictLock
 from ._dict import ZeroCopyDict as ZeroCopyDict
 from ._registry import BlockInfo as BlockInfo
 from ._registry import CleanupResult as CleanupResult
@@ -39,6 +40,7 @@ __all__ = [
     "SharedArrayError",
     "SharedData",
     "SharedDict",
+    "SharedDictLock",
     "SharedMemoryArray",
     "UntrustedBlockError",
     "ZeroCopyDict",

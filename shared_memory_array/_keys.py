@@ -15,16 +15,25 @@ int, bool     I     two's-complement little-endian, minimal length
 float         F     IEEE 754 double, little-endian; an integral float encodes as
                     the int it equals, so ``1``, ``1.0`` and ``True`` are one key;
                     every NaN encodes as the one canonical NaN
+complex       C     real and imaginary part as two doubles (``-0.0`` as ``0.0``,
+                    NaN canonical); with a zero imaginary part, as its real part
 str           S     UTF-8 (lone surrogates allowed)
 bytes         B     the bytes
 tuple         T     each element's encoding, prefixed by its length (uint32)
 frozenset     Z     the elements' encodings, sorted, each prefixed by its length
-other         P     ``pickle.dumps(key, protocol=4)``
+Enum member   E     the class (length-prefixed module, length-prefixed qualified
+                    name), then ``.`` + the member's name, or ``#`` + the value's
+                    int encoding for a ``Flag``
+dataclass     D     the class as for E, then the T encoding of the fields that
+                    take part in ``==`` (frozen dataclasses with ``eq=True``)
 ============  ====  ============================================================
 
-Subclasses of int, float, str, bytes, tuple and frozenset encode as their base
-type, as they compare in a dict. Keys of other types are compared by their
-pickle, so two such keys are one key exactly when they pickle identically.
+Subclasses of int, float, complex, str, bytes, tuple (named tuples) and
+frozenset encode as their base type, as they compare in a dict: an ``IntEnum``
+member is its int. A numpy scalar encodes as the Python scalar its ``item()``
+gives (``np.int64(1)`` is ``1``; ``np.float32(0.1)`` is the double it holds).
+Every other key raises ``TypeError`` naming its type: a key compared by its
+pickle would not be portable (a frozenset's pickle depends on the hash seed).
 
 :func:`encode_key` also says whether :func:`decode_key` gives back an object of
 the very same types (``exact``); when not (a bool, an integral float, a
@@ -34,18 +43,21 @@ as it was first inserted, as a dict does.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import importlib
 import math
-import pickle
 import struct
 import zlib
-from typing import Final
+from typing import Any, Final
+
+import numpy as np
 
 __all__ = ["decode_key", "encode_key", "key_hash"]
 
 _LENGTH = struct.Struct("<I")
 _DOUBLE = struct.Struct("<d")
 _CANONICAL_NAN: Final = b"F" + _DOUBLE.pack(math.nan)
-_KEY_PICKLE_PROTOCOL: Final = 4
 _MAX_DEPTH: Final = 100
 
 
@@ -54,8 +66,52 @@ def key_hash(encoded: bytes) -> int:
     return zlib.crc32(encoded)
 
 
+_PYTHON_SCALARS: Final = (bool, int, float, complex, str, bytes)
+
+
 def _encode_int(value: int) -> bytes:
     return b"I" + value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+
+
+def _encode_float(number: float, exact: bool) -> tuple[bytes, bool]:
+    if number.is_integer():
+        return _encode_int(int(number)), False
+    if math.isnan(number):
+        return _CANONICAL_NAN, exact
+    return b"F" + _DOUBLE.pack(number), exact
+
+
+def _part(number: float) -> bytes:
+    """A canonical double for one part of a complex number."""
+    if math.isnan(number):
+        return _DOUBLE.pack(math.nan)
+    return _DOUBLE.pack(number + 0.0)  # -0.0 + 0.0 is 0.0
+
+
+def _type_name(kind: type) -> str:
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
+
+
+def _class_path(kind: type) -> bytes:
+    # A spawned process runs the parent's main module as __mp_main__: the same classes.
+    module = "__main__" if kind.__module__ == "__mp_main__" else kind.__module__
+    parts = [module.encode(), kind.__qualname__.encode()]
+    return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
+
+
+def _is_value_dataclass(key: object) -> bool:
+    """Whether ``key`` is a frozen dataclass instance compared by its fields."""
+    params = getattr(type(key), "__dataclass_params__", None)
+    return params is not None and params.frozen and params.eq and dataclasses.is_dataclass(key)
+
+
+def _unsupported(key: object) -> TypeError:
+    return TypeError(
+        f"SharedDict keys must be None, bool, int, float, complex, str, bytes, numpy "
+        f"scalars, Enum members, or tuples, frozensets and frozen dataclasses of them; "
+        f"not {_type_name(type(key))}"
+    )
 
 
 def _encode(key: object, depth: int) -> tuple[bytes, bool]:
@@ -76,12 +132,12 @@ def _encode(key: object, depth: int) -> tuple[bytes, bool]:
     if isinstance(key, int):
         return _encode_int(int(key)), False
     if isinstance(key, float):
-        number = float(key)
-        if number.is_integer():
-            return _encode_int(int(number)), False
-        if math.isnan(number):
-            return _CANONICAL_NAN, kind is float
-        return b"F" + _DOUBLE.pack(number), kind is float
+        return _encode_float(float(key), kind is float)
+    if isinstance(key, complex):
+        number = complex(key)
+        if number.imag == 0:
+            return _encode_float(number.real, False)
+        return b"C" + _part(number.real) + _part(number.imag), kind is complex
     if isinstance(key, str):
         return b"S" + str(key).encode("utf-8", "surrogatepass"), False
     if isinstance(key, bytes):
@@ -104,8 +160,20 @@ def _encode(key: object, depth: int) -> tuple[bytes, bool]:
             exact = exact and item_exact
         encodings.sort()
         return b"Z" + b"".join(_LENGTH.pack(len(e)) + e for e in encodings), exact
-    hash(key)  # an unhashable key fails here with the usual TypeError
-    return b"P" + pickle.dumps(key, protocol=_KEY_PICKLE_PROTOCOL), True
+    if isinstance(key, enum.Enum):
+        if isinstance(key, enum.Flag):
+            member = b"#" + _encode_int(int(key.value))
+        else:
+            member = b"." + key.name.encode()
+        return b"E" + _class_path(kind) + member, True
+    if isinstance(key, np.generic) and not isinstance(key, np.void):
+        item = key.item()
+        if type(item) in _PYTHON_SCALARS:
+            return _encode(item, depth + 1)[0], False
+    elif _is_value_dataclass(key):
+        fields = tuple(getattr(key, f.name) for f in dataclasses.fields(key) if f.compare)  # type: ignore[arg-type]
+        return b"D" + _class_path(kind) + _encode(fields, depth + 1)[0], False
+    raise _unsupported(key)
 
 
 def encode_key(key: object) -> tuple[bytes, bool]:
@@ -117,9 +185,8 @@ def encode_key(key: object) -> tuple[bytes, bool]:
     Raises
     ------
     TypeError
-        ``key`` is unhashable.
-    pickle.PicklingError, AttributeError, TypeError
-        A key of another type cannot be pickled.
+        ``key`` (or a part of it) is not of a kind listed in the module
+        docstring; the message names its type.
     ValueError
         ``key`` nests tuples or frozensets more than 100 levels deep.
     """
@@ -140,13 +207,32 @@ def _split(body: bytes, start: int) -> list[bytes]:
     return items
 
 
+def _class_at(encoded: bytes, start: int) -> tuple[Any, int]:
+    """The class whose path starts at ``encoded[start]``, and where the path ends."""
+    names = []
+    at = start
+    for _ in range(2):
+        (length,) = _LENGTH.unpack_from(encoded, at)
+        names.append(encoded[at + 4 : at + 4 + length].decode())
+        at += 4 + length
+    found: Any = importlib.import_module(names[0])
+    for part in names[1].split("."):
+        found = getattr(found, part)
+    return found, at
+
+
 def decode_key(encoded: bytes) -> object:
-    """Return the key that :func:`encode_key` turned into ``encoded``.
+    """Return a key equal to the one :func:`encode_key` turned into ``encoded``.
+
+    It is the very key (same types) when ``encode_key`` said ``exact``. A
+    dataclass key comes back with its compared fields only.
 
     Raises
     ------
     ValueError
         ``encoded`` is not a canonical key encoding.
+    ImportError, AttributeError
+        The class of an Enum or dataclass key cannot be imported here.
     """
     tag = encoded[:1]
     if tag == b"S":
@@ -163,6 +249,19 @@ def decode_key(encoded: bytes) -> object:
         return tuple(decode_key(item) for item in _split(encoded, 1))
     if tag == b"Z":
         return frozenset(decode_key(item) for item in _split(encoded, 1))
-    if tag == b"P":
-        return pickle.loads(encoded[1:])
+    if tag == b"C":
+        return complex(*struct.unpack("<2d", encoded[1:17]))
+    if tag == b"E":
+        kind, at = _class_at(encoded, 1)
+        if encoded[at : at + 1] == b"#":
+            return kind(decode_key(encoded[at + 1 :]))
+        return kind[encoded[at + 1 :].decode()]
+    if tag == b"D":
+        kind, at = _class_at(encoded, 1)
+        values = decode_key(encoded[at:])
+        key = object.__new__(kind)
+        compared = [f.name for f in dataclasses.fields(kind) if f.compare]
+        for name, value in zip(compared, values, strict=True):  # type: ignore[call-overload]
+            object.__setattr__(key, name, value)
+        return key
     raise ValueError(f"not a canonical key encoding (tag {tag!r})")

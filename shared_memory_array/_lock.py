@@ -11,8 +11,16 @@ by one process would exclude each other. Hence there is ONE lock per block per
 process (:meth:`BlockLock.for_block`, keyed by the block's device and inode, as
 a name can be reused by a new block), shared by every handle of the block in
 the process, with its own duplicated descriptor; re-entrancy works across
-handles. After ``fork`` the child gets a fresh thread lock and opens a new
-description, so parent and child exclude each other again.
+handles.
+
+After ``fork`` the child gets a fresh thread lock and a new open file
+description of the same block, so parent and child exclude each other again. It
+reopens the block through ``/proc/self/fd`` (the very inode, even after its name
+was unlinked), else by name if that still names the same inode; without either
+the child keeps the inherited description and then does NOT exclude its parent.
+The child does not hold what the parent held: if the forking thread held the
+lock, its pending releases (leaving a ``with d.lock():`` block in the child) are
+counted as inherited and ignored.
 
 Requires ``fcntl.flock`` (Linux, macOS and other POSIX systems).
 """
@@ -42,6 +50,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["BlockLock"]
 
+_get_ident = threading.get_ident
 _registry_lock = threading.Lock()
 _registry: dict[tuple[int, int], BlockLock] = {}  # (st_dev, st_ino) of the block -> lock
 
@@ -52,7 +61,17 @@ class BlockLock:
     Get it with :meth:`for_block`; give it back with :meth:`release_ref`.
     """
 
-    __slots__ = ("_depth", "_fd", "_identity", "_references", "_thread_lock", "name")
+    __slots__ = (
+        "_depth",
+        "_fd",
+        "_identity",
+        "_inherited",
+        "_inherited_by",
+        "_owner",
+        "_references",
+        "_thread_lock",
+        "name",
+    )
 
     def __init__(self, name: str, fd: int, identity: tuple[int, int]) -> None:
         self.name = name
@@ -60,6 +79,9 @@ class BlockLock:
         self._identity = identity
         self._thread_lock = threading.RLock()
         self._depth = 0
+        self._owner = 0  # thread ident of the holder while _depth > 0
+        self._inherited = 0  # levels the forking thread held in the parent (in a child)
+        self._inherited_by = 0
         self._references = 0
 
     @classmethod
@@ -112,10 +134,17 @@ class BlockLock:
             self._depth -= 1
             self._thread_lock.release()
             raise
+        self._owner = _get_ident()
         return True
 
     def release(self) -> None:
-        """Release one level of the lock; the outermost release drops the file lock."""
+        """Release one level of the lock; the outermost release drops the file lock.
+
+        In a forked child, a release by the forking thread of a level it took
+        before the fork (it holds nothing of its own now) is ignored.
+        """
+        if self._inherited and self._release_inherited():
+            return
         if self._depth == 1:
             _flock(self._fd, _LOCK_UN)  # type: ignore[misc]
         self._depth -= 1
@@ -142,21 +171,44 @@ class BlockLock:
     ) -> None:
         self.release()
 
+    def _release_inherited(self) -> bool:
+        """Consume one inherited level if this release is one; return whether it was."""
+        me = _get_ident()
+        if me != self._inherited_by or (self._depth and self._owner == me):
+            return False  # another thread, or a level this thread took in the child
+        self._inherited -= 1
+        return True
+
     def _reopen_after_fork(self) -> None:
+        me = _get_ident()
+        self._inherited = self._depth if self._depth and self._owner == me else 0
+        self._inherited_by = me
         self._thread_lock = threading.RLock()
         self._depth = 0
-        if _posixshmem is None or self._fd < 0:  # pragma: no cover
+        if self._fd < 0:
             return
-        try:
-            fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR, mode=0o600)
-        except OSError:
-            return  # unlinked meanwhile: keep the inherited description
-        info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) != self._identity:
+        fd = self._reopen()
+        if fd >= 0:
+            os.close(self._fd)  # the parent's description: its lock state is not ours
+            self._fd = fd
+
+    def _reopen(self) -> int:
+        """A new description of this lock's inode, or -1 if none can be had."""
+        for path in (f"/proc/self/fd/{self._fd}", None):
+            try:
+                if path is not None:
+                    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                elif _posixshmem is not None:
+                    fd = _posixshmem.shm_open("/" + self.name, os.O_RDWR, mode=0o600)
+                else:  # pragma: no cover
+                    break
+            except OSError:
+                continue  # no /proc, or the name was unlinked meanwhile
+            info = os.fstat(fd)
+            if (info.st_dev, info.st_ino) == self._identity:
+                return fd
             os.close(fd)  # the name now belongs to another block
-            return
-        os.close(self._fd)
-        self._fd = fd
+        return -1
 
 
 def _after_fork_in_child() -> None:

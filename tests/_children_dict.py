@@ -1,19 +1,59 @@
 """Functions run in child processes by the SharedDict tests (importable under spawn).
 
-Also runnable as a script for the PYTHONHASHSEED test:
-``python _children_dict.py NAME`` attaches, checks the parent's keys and writes its own.
+Also runnable as a script for the PYTHONHASHSEED tests:
+``python _children_dict.py NAME`` attaches, checks the parent's keys and writes its own;
+``python _children_dict.py add-missing NAME`` stores each of PORTABLE_KEYS unless present.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from shared_memory_array import SharedDict
 from shared_memory_array._heap import Heap
+
+
+class Colour(enum.Enum):
+    """A plain Enum: its members are keys by class and name."""
+
+    RED = "red"
+    BLUE = ("blue", 2)
+
+
+class Point(NamedTuple):
+    """A named tuple: the same key as the plain tuple it equals."""
+
+    x: int
+    y: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Tagged:
+    """A frozen dataclass holding a frozenset of strings (its pickle varies with the hash seed)."""
+
+    label: str
+    tags: frozenset[str]
+
+
+# Keys whose canonical encoding must not depend on the process or its hash seed.
+PORTABLE_KEYS: list[Any] = [
+    Tagged("t", frozenset({"alpha", "beta", "gamma", "delta", "epsilon"})),
+    Colour.BLUE,
+    Point(1, "p"),
+    (Colour.RED, frozenset({"x", "y", "z"})),
+    np.int64(7),
+    np.float32(0.5),
+    complex(1.5, -2.0),
+    frozenset({Tagged("u", frozenset({"q", "r", "s"})), b"raw", None}),
+]
 
 # Keys whose built-in hash() differs between processes with different PYTHONHASHSEED.
 PARENT_KEYS: dict[Any, Any] = {
@@ -82,17 +122,7 @@ def die_inside(name: str, where: str) -> None:
         setattr(Heap, method, killed)
 
     if where == "update":
-        original_put = SharedDict._put
-        calls = []
-
-        def put_then_die(self: SharedDict, *args: Any) -> tuple[int, int]:
-            result = original_put(self, *args)
-            calls.append(result)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return result
-
-        SharedDict._put = put_then_die  # type: ignore[method-assign,assignment]
+        kill_at_alloc(5)  # the journal and three entries allocated: three slots published
         shared.update({f"k{i}": ("new", b"n" * 200) for i in range(6)})
         return
     if where == "heap":
@@ -107,6 +137,58 @@ def die_inside(name: str, where: str) -> None:
     shared["k0"] = ("new", b"n" * 200)
 
 
+def kill_at_alloc(calls: int) -> None:
+    """Make this process SIGKILL itself on its ``calls``-th heap allocation."""
+    original = Heap.alloc
+    count = [0]
+
+    def alloc(self: Heap, nbytes: int) -> int:
+        count[0] += 1
+        if count[0] == calls:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, nbytes)
+
+    Heap.alloc = alloc  # type: ignore[method-assign]
+
+
+def die_inside_update(name: str) -> None:
+    """Run ``update`` of ``k0``..``k9`` and SIGKILL this process after 5 of its 10 slots changed."""
+    shared = SharedDict.attach(name)
+    kill_at_alloc(7)  # the journal, then one entry per key: five published, the sixth allocating
+    shared.update({f"k{i}": "new" for i in range(10)})
+
+
+def die_inside_repair(name: str, stores: int) -> None:
+    """Attach, start repairing and SIGKILL this process after ``stores`` journal slot restores."""
+    from shared_memory_array import _journal
+
+    original = _journal.restore_slot
+    count = [0]
+
+    def restore_slot(table: Any, index: int, word: int) -> None:
+        original(table, index, word)
+        count[0] += 1
+        if count[0] == stores:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _journal.restore_slot = restore_slot
+    shared = SharedDict.attach(name)
+    shared.stats()  # any locked operation repairs first
+    sys.exit("the repair did not reach the kill point")
+
+
+def update_and_clear_forever(name: str, ready: Any) -> None:
+    """Alternate ``update`` of 50 new keys and ``clear()`` (until killed)."""
+    shared = SharedDict.attach(name)
+    rounds = 0
+    while True:
+        shared.update({f"r{rounds}_{i}": i for i in range(50)})
+        shared.clear()
+        rounds += 1
+        if rounds == 5:
+            ready.set()
+
+
 def hashseed_check(name: str) -> None:
     """Script body: verify the parent's keys, then store CHILD_KEYS."""
     with SharedDict.attach(name) as shared:
@@ -117,5 +199,22 @@ def hashseed_check(name: str) -> None:
     print("ok")
 
 
+def add_missing(name: str) -> None:
+    """Script body: for each of PORTABLE_KEYS, store the key under lock() unless present."""
+    with SharedDict.attach(name) as shared:
+        for key in PORTABLE_KEYS:
+            with shared.lock():
+                if key not in shared:
+                    shared[key] = os.environ.get("PYTHONHASHSEED")
+    print("ok")
+
+
 if __name__ == "__main__":
-    hashseed_check(sys.argv[1])
+    # Import this file as the module ``_children_dict``, as the tests do, so that the key
+    # classes above have the same qualified names in the script and in the test process.
+    import _children_dict
+
+    if sys.argv[1] == "add-missing":
+        _children_dict.add_missing(sys.argv[2])
+    else:
+        _children_dict.hashseed_check(sys.argv[1])

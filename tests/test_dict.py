@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 import pickle
 import threading
 from collections.abc import Iterator
-from typing import Any
+from decimal import Decimal
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import shared_memory_array
 from shared_memory_array import (
     AllocationError,
+    BlockExistsError,
     BlockNotFoundError,
     LayoutError,
     SharedArrayError,
     SharedDict,
+    SharedDictLock,
     ZeroCopyDict,
 )
 from shared_memory_array._block import PREFIX, SharedBlock
@@ -38,6 +44,40 @@ def unique_name() -> str:
 def shared() -> Iterator[SharedDict]:
     with SharedDict.create(unique_name(), max_items=64, heap_size=1 << 16) as d:
         yield d
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Number(enum.IntEnum):
+    ONE = 1
+
+
+class Point(NamedTuple):
+    x: int
+    y: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Tagged:
+    label: str
+    tags: frozenset[str]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Mutable:
+    """Compares by identity: no canonical encoding."""
+
+    value: int
+
+
+class Opaque:
+    """Hashable by identity, no canonical encoding."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
 
 
 def normalized(key: object) -> object:
@@ -109,11 +149,50 @@ def test_unhashable_key_is_rejected(shared: SharedDict) -> None:
     assert len(shared) == 0
 
 
-def test_other_hashable_keys_compare_by_pickle(shared: SharedDict) -> None:
-    """A key of another picklable type is found again by an equal instance."""
-    shared[range(3)] = "range"
-    assert shared[range(3)] == "range"
-    assert range(4) not in shared
+@pytest.mark.parametrize("key", [range(3), Decimal("1.5"), object(), (1, range(2)), Opaque(1)])
+def test_keys_of_other_types_are_refused_by_type(shared: SharedDict, key: object) -> None:
+    """A hashable key of a type without a canonical encoding raises TypeError naming the type."""
+    with pytest.raises(TypeError, match=r"range|Decimal|object|Opaque"):
+        shared[key] = "value"
+    assert key not in shared
+    assert len(shared) == 0
+
+
+def test_portable_key_kinds_encode_canonically() -> None:
+    """Enum members, named tuples, frozen dataclasses, complex, numpy scalars encode canonically."""
+    assert encode_key(Point(1, "a"))[0] == encode_key((1, "a"))[0]
+    assert encode_key(complex(2, 0))[0] == encode_key(2)[0]
+    assert encode_key(complex(0.5, -0.0))[0] == encode_key(0.5)[0]
+    assert encode_key(complex(-0.0, 1))[0] == encode_key(complex(0.0, 1))[0]
+    assert encode_key(np.int64(3))[0] == encode_key(3)[0]
+    assert encode_key(np.bool_(True))[0] == encode_key(1)[0]
+    assert encode_key(np.float32(0.5))[0] == encode_key(0.5)[0]
+    assert encode_key(np.float32(0.1))[0] != encode_key(0.1)[0]  # unequal, as in a dict
+    assert encode_key(np.complex64(1 + 2j))[0] == encode_key(1 + 2j)[0]
+    assert encode_key(Colour.RED)[0] != encode_key(Colour.BLUE)[0] != encode_key("red")[0]
+    assert encode_key(Number.ONE)[0] == encode_key(1)[0]  # an IntEnum member equals its int
+    tags = [str(i) for i in range(20)]
+    assert (
+        encode_key(Tagged("t", frozenset(tags)))[0]
+        == encode_key(Tagged("t", frozenset(reversed(tags))))[0]
+    )
+    assert encode_key(Tagged("t", frozenset()))[0] != encode_key(Tagged("u", frozenset()))[0]
+    assert decode_key(encode_key(Colour.BLUE)[0]) is Colour.BLUE
+    with pytest.raises(TypeError, match="datetime64"):
+        encode_key(np.datetime64("2020-01-01"))
+    with pytest.raises(TypeError, match="Mutable"):
+        encode_key(Mutable(1))
+
+
+def test_portable_keys_round_trip_through_the_dict(shared: SharedDict) -> None:
+    """Each portable key kind is found by an equal key and iterates back as first inserted."""
+    keys = [Colour.RED, Point(2, "b"), Tagged("x", frozenset({"a"})), np.int64(5), 1 + 2j]
+    for number, key in enumerate(keys):
+        shared[key] = number
+    assert shared[(2, "b")] == 1
+    assert shared[5] == 3
+    assert shared[Tagged("x", frozenset({"a"}))] == 2
+    assert sorted(map(repr, shared)) == sorted(map(repr, keys))
 
 
 # -- values ---------------------------------------------------------------------------
@@ -136,6 +215,18 @@ def test_mutable_values_are_fresh_copies(shared: SharedDict) -> None:
     first.append(3)
     assert shared["list"] == [1, 2]
     assert shared["list"] is not shared["list"]
+
+
+def test_cached_immutable_values_are_kept_as_objects(shared: SharedDict) -> None:
+    """Cached reads of tuples of scalars return the same object; with a list inside, fresh ones."""
+    shared["tuple"] = (1, "a", (2.5, None, b"x"), frozenset({3}))
+    assert shared["tuple"] == (1, "a", (2.5, None, b"x"), frozenset({3}))
+    assert shared["tuple"] is shared["tuple"]
+    shared["inner list"] = (1, [2])
+    first = shared["inner list"]
+    first[1].append(3)
+    assert shared["inner list"] == (1, [2])
+    assert shared["inner list"] is not shared["inner list"]
 
 
 def test_mapping_methods(shared: SharedDict) -> None:
@@ -243,13 +334,26 @@ def test_block_name_carries_prefix_and_attach_takes_either() -> None:
 
 
 def test_create_existing_name_raises() -> None:
-    """Creating a dict under a name in use raises FileExistsError and leaves the first intact."""
+    """Creating a dict under a name in use raises BlockExistsError and leaves the first intact."""
     name = unique_name()
     with SharedDict.create(name, max_items=4, heap_size=4096) as d:
         d["k"] = 1
-        with pytest.raises(FileExistsError):
+        with pytest.raises(BlockExistsError):
             SharedDict.create(name, max_items=4, heap_size=4096)
         assert d["k"] == 1
+        with SharedDict.attach(name) as other:
+            assert dict(other.items()) == {"k": 1}
+
+
+def test_sizes_accept_any_integer_and_slot_count_alias() -> None:
+    """max_items and heap_size take integer-likes (numpy ints); slot_count is max_items' alias."""
+    with SharedDict.create(unique_name(), max_items=np.int64(10), heap_size=np.uint32(4096)) as d:
+        assert d.max_items == 10
+        assert type(d.max_items) is int
+    with SharedDict.create(unique_name(), slot_count=12, heap_size=4096) as d:
+        assert d.stats()["max_items"] == 12
+    with pytest.raises(TypeError, match="slot_count"):
+        SharedDict.create(unique_name(), max_items=4, slot_count=4)
 
 
 @pytest.mark.parametrize(
@@ -268,6 +372,8 @@ def test_create_rejects_bad_names(name: Any, error: type[Exception]) -> None:
         ({"max_items": 0}, ValueError),
         ({"heap_size": 10}, ValueError),
         ({"max_items": 1.5}, TypeError),
+        ({"max_items": True}, TypeError),
+        ({"slot_count": "8"}, TypeError),
     ],
 )
 def test_create_rejects_bad_sizes(kwargs: dict[str, Any], error: type[Exception]) -> None:
@@ -336,6 +442,10 @@ def test_stats_and_gc_stats(shared: SharedDict) -> None:
     """stats() and gc_stats() report the documented figures consistently."""
     shared.update({i: "x" * i for i in range(10)})
     stats = shared.stats()
+    assert stats["name"] == shared.name
+    assert stats["is_owner"] is True
+    with SharedDict.attach(shared.name) as other:
+        assert other.stats()["is_owner"] is False
     assert stats["used_slots"] == 10
     assert stats["max_items"] == 64
     assert stats["load_factor"] == 10 / 64
@@ -347,6 +457,15 @@ def test_stats_and_gc_stats(shared: SharedDict) -> None:
 
 
 # -- locking -------------------------------------------------------------------------------
+
+
+def test_lock_returns_the_public_lock_class(shared: SharedDict) -> None:
+    """d.lock() returns a SharedDictLock, exported by the package, whose with-target is d."""
+    lock = shared.lock()
+    assert isinstance(lock, SharedDictLock)
+    assert "SharedDictLock" in shared_memory_array.__all__
+    with lock as held:
+        assert held is shared
 
 
 def test_lock_is_reentrant_across_handles(shared: SharedDict) -> None:

@@ -20,6 +20,7 @@ from shared_memory_array import (
     SharedArray,
     SharedData,
     SharedDict,
+    SharedDictLock,
     SharedMemoryArray,
     ZeroCopyDict,
     cleanup,
@@ -67,7 +68,8 @@ def check_dict() -> None:
     assert ZeroCopyDict is SharedDict
     mapping: MutableMapping[Any, Any] = d
     lock: AbstractContextManager[Any] = d.lock()
-    assert_type(d.stats(), dict[str, int | float])
+    assert_type(d.stats(), dict[str, Any])
+    assert_type(d.lock(), SharedDictLock)
     assert_type(d.gc_stats(), dict[str, int | float])
     del mapping, lock
 
