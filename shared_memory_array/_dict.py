@@ -33,9 +33,11 @@ other architectures, it reads under the lock); see :meth:`SharedDict._fetch`.
 from __future__ import annotations
 
 import operator
+import os
 import pickle
 import platform
 import re
+import weakref
 import zlib
 from collections.abc import (
     ItemsView,
@@ -52,8 +54,9 @@ from typing import Any, Final, NoReturn, SupportsIndex
 from typing_extensions import Self
 
 from ._block import PREFIX, SharedBlock
-from ._header import BlockKind, align, encode_header, parse_header
+from ._header import BlockKind, align, encode_header, encoded_identity, parse_header
 from ._heap import Heap, heap_overhead
+from ._identity import check_same_shm, shm_identity
 from ._journal import Journal
 from ._keys import encode_key
 from ._lock import BlockLock
@@ -225,6 +228,10 @@ class SharedDict(MutableMapping[Any, Any]):
     _ctl: memoryview
     _cache: dict[object, object]
     _cache_version: int
+    _owner_pid: int = 0  # the pid in which this handle owns the dict; 0: not an owner
+    _block_id: bytes = b""
+    _lifetime_offset: int | None = None
+    _release_lock: weakref.finalize[[], SharedDict]
 
     def __init__(self) -> None:
         raise TypeError("use SharedDict.create() or SharedDict.attach()")
@@ -281,11 +288,14 @@ class SharedDict(MutableMapping[Any, Any]):
         try:
             Heap.format(block.buf, geometry.heap, geometry.heap_size)
             block.buf[: len(header)] = header  # last: attach refuses the block until now
-            return cls._open(block, name, geometry)
+            block_id, lifetime_offset = encoded_identity(header)
+            self = cls._open(block, name, geometry, block_id, lifetime_offset)
         except BaseException:
-            block.close()
             block.unlink()
+            block.close()
             raise
+        self._owner_pid = os.getpid()
+        return self
 
     @classmethod
     def attach(cls, name: str) -> Self:
@@ -295,25 +305,46 @@ class SharedDict(MutableMapping[Any, Any]):
         ------
         BlockNotFoundError
             No such dict.
+        UntrustedBlockError
+            The block belongs to another user, or others may write it.
         LayoutError
             The block is not a dict, or its header or geometry is corrupt.
         """
+        return cls._attach(name)
+
+    @classmethod
+    def _attach(cls, name: str, block_id: bytes | None = None) -> Self:
         block_name = _block_name(name, for_attach=True)
         block = SharedBlock.attach(block_name)
         try:
             where = f"block {block_name!r}"
             header = parse_header(block.buf, expected_kind=BlockKind.DICT, name=block_name)
+            if block_id is not None and header.block_id != block_id:
+                raise BlockNotFoundError(
+                    block_name,
+                    f"block {block_name!r} is not the dict this handle was made for "
+                    "(the name was reused by another block)",
+                )
             geometry = Geometry.unpack(
                 header.extra, data_offset=header.data_offset, block_size=block.size, where=where
             )
-            return cls._open(block, name, geometry)
+            return cls._open(block, name, geometry, header.block_id, header.lifetime_offset)
         except BaseException:
             block.close()
             raise
 
     @classmethod
-    def _open(cls, block: SharedBlock, name: str, geometry: Geometry) -> Self:
+    def _open(
+        cls,
+        block: SharedBlock,
+        name: str,
+        geometry: Geometry,
+        block_id: bytes,
+        lifetime_offset: int | None,
+    ) -> Self:
         self = object.__new__(cls)
+        self._block_id = block_id
+        self._lifetime_offset = lifetime_offset
         self.name = name
         self.block_name = block.name
         self.max_items = geometry.max_items
@@ -327,6 +358,8 @@ class SharedDict(MutableMapping[Any, Any]):
         self._cache = {}
         self._cache_version = -1
         self._lock = BlockLock.for_block(block)
+        # A handle dropped without close() still gives its lock descriptor back.
+        self._release_lock = weakref.finalize(self, self._lock.release_ref)
         return self
 
     # -- locking and the crash protocol ------------------------------------------------
@@ -707,7 +740,7 @@ class SharedDict(MutableMapping[Any, Any]):
             block = self._block
             return {
                 "name": self.name,
-                "is_owner": bool(block is not None and block.created_here),
+                "is_owner": bool(block is not None and self._owner_pid == os.getpid()),
                 "used_slots": count,
                 "max_items": self.max_items,
                 "load_factor": count / self.max_items,
@@ -760,16 +793,17 @@ class SharedDict(MutableMapping[Any, Any]):
         # Lock-free paths read _ctl, every other path takes _lock first: both raise now.
         closed = _Closed(self.name)
         self._ctl = closed  # type: ignore[assignment]
-        lock, self._lock = self._lock, closed  # type: ignore[assignment]
+        self._lock = closed  # type: ignore[assignment]
         self._cache = {}
         self._cache_version = -1
         self._table.release()
         self._buf.release()
-        lock.release_ref()
-        created_here = block.created_here
-        block.close()
-        if created_here:
-            block.unlink()
+        self._release_lock()
+        owner, self._owner_pid = self._owner_pid == os.getpid(), 0
+        if owner:
+            block.unlink()  # an explicit end: the name goes now
+            block.hold.drop_owner()
+        block.close()  # a non-owner lets go; if nobody else holds the dict, it goes (_reaper)
 
     @property
     def closed(self) -> bool:
@@ -787,14 +821,42 @@ class SharedDict(MutableMapping[Any, Any]):
     ) -> None:
         self.close()
 
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        # Pickling (e.g. to a spawned process) sends the name: the receiver attaches.
-        return (type(self).attach, (self.name,))
+    def __reduce__(self) -> tuple[Any, tuple[str, bytes, str]]:
+        """Pickle as name and identity: the receiver attaches (and owns it if nobody does).
+
+        The pickle counts as a handle in flight until it is unpickled (see
+        :mod:`._reaper`), so the dict outlives its creator for as long as the
+        receiver may still need it.
+        """
+        block = self._block
+        if block is not None and self._lifetime_offset is not None:
+            words = block.lifetime_words(self._lifetime_offset)
+            if words is not None:
+                words.pickled()
+        return (_unpickle, (self.name, self._block_id, shm_identity()))
+
+    def _landed(self) -> None:
+        """This handle was unpickled: one handle less in flight; own the dict if nobody does."""
+        block = self._block
+        assert block is not None
+        if self._lifetime_offset is not None:
+            words = block.lifetime_words(self._lifetime_offset)
+            if words is not None:
+                words.unpickled()
+        if block.hold.take_owner():
+            self._owner_pid = os.getpid()
 
     def __repr__(self) -> str:
         if self._block is None:
             return f"<SharedDict {self.name!r} closed>"
         return f"<SharedDict {self.name!r} {len(self)} of {self.max_items} keys>"
+
+
+def _unpickle(name: str, block_id: bytes, identity: str) -> SharedDict:
+    check_same_shm(name, identity)
+    handle = SharedDict._attach(name, block_id or None)
+    handle._landed()
+    return handle
 
 
 ZeroCopyDict = SharedDict

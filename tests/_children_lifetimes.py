@@ -72,3 +72,14 @@ if __name__ == "__main__":  # pragma: no cover
         pool_script()
     else:
         pickle_and_exit(sys.argv[2])
+
+
+def dict_owner_and_wait(queue: Queue[Any], name: str) -> None:
+    """Create a dict, put a value in, report, then wait until killed."""
+    from shared_memory_array import SharedDict
+
+    owned = SharedDict.create(name, max_items=16, heap_size=1 << 16)
+    owned["answer"] = 42
+    queue.put(name)
+    time.sleep(120)
+    owned.close()

@@ -24,11 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _children_lifetimes import make_array, own_and_wait, write_tokens_and_wait
+from _children_lifetimes import (
+    dict_owner_and_wait,
+    make_array,
+    own_and_wait,
+    write_tokens_and_wait,
+)
 
 from shared_memory_array import (
     BlockNotFoundError,
     SharedArray,
+    SharedDict,
     _codec,
     _reaper,
     cleanup,
@@ -415,3 +421,45 @@ def test_forked_child_holds_its_own_lock() -> None:
         os.close(write_end)
         block.unlink()
         block.close()
+
+
+def test_a_dict_outlives_its_killed_creator_while_held_then_goes() -> None:
+    """The dict's creator is SIGKILLed: a holder keeps using it; its close then frees it."""
+    context = multiprocessing.get_context("spawn")
+    names: multiprocessing.Queue[str] = context.Queue()
+    name = f"lifetime_{os.getpid()}"
+    child = context.Process(target=dict_owner_and_wait, args=(names, name))
+    child.start()
+    try:
+        names.get(timeout=TIMEOUT)
+        held = SharedDict.attach(name)
+        child.kill()
+        child.join(TIMEOUT)
+        SharedArray.allocate(None, 1, "u1").close()  # a block-creating call: the reaper runs
+        assert held["answer"] == 42
+        held["after"] = "still here"
+        again = SharedDict.attach(name)
+        assert again["after"] == "still here"
+        again.close()
+        held.close()
+        assert not _exists(held.block_name)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(TIMEOUT)
+
+
+def test_an_unpickled_dict_whose_creator_let_go_becomes_the_owner() -> None:
+    """Pickle the creator's dict, drop the creator: the unpickled handle owns and frees it."""
+    created = SharedDict.create(f"handoff_{os.getpid()}", max_items=8, heap_size=1 << 16)
+    created["k"] = "v"
+    block_name = created.block_name
+    data = pickle.dumps(created)
+    del created
+    gc.collect()
+    assert _exists(block_name)  # in flight: kept
+    landed = pickle.loads(data)
+    assert landed.stats()["is_owner"]
+    assert landed["k"] == "v"
+    landed.close()
+    assert not _exists(block_name)
