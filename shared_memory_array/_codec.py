@@ -116,12 +116,13 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
 import numpy as np
 
 from ._block import GENERATED_NAME_PATTERN, PREFIX, SharedBlock, pwrite_all
 from ._header import FIXED_SIZE, BlockKind, Header, align, encode_header, parse_header
+from ._token import Token
 from .errors import BlockNotFoundError, LayoutError
 
 try:
@@ -687,7 +688,10 @@ def _parse_shared_token(token: str) -> tuple[str, int]:
     return match[1], int(match[2], 16)
 
 
-def write(obj: object, *, threshold: int = 1_000_000) -> str:
+_T = TypeVar("_T")
+
+
+def write(obj: _T, *, threshold: int = 1_000_000) -> Token[_T]:
     """Serialise ``obj`` and return a token that any process of this user can read.
 
     Parameters
@@ -700,9 +704,10 @@ def write(obj: object, *, threshold: int = 1_000_000) -> str:
 
     Returns
     -------
-    str
-        An ASCII token, ``SMA1:<mode>:<payload>``; shared-memory tokens are
-        printable and under 256 characters.
+    Token
+        A ``str`` subclass typed by ``obj``: an ASCII token,
+        ``SMA1:<mode>:<payload>``; shared-memory tokens are printable and under
+        256 characters.
 
     Raises
     ------
@@ -720,19 +725,23 @@ def write(obj: object, *, threshold: int = 1_000_000) -> str:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     pickled = pickle_out_of_band(obj)
     if pickled.nbytes < threshold:
-        return _inline_token(pickled)
+        return Token(_inline_token(pickled))
     try:
-        return _writer.write(pickled)
+        return Token(_writer.write(pickled))
     except MemoryError as exc:  # AllocationError, or the mapping failed
         warnings.warn(
             f"shared memory unavailable ({exc}); sending {pickled.nbytes} bytes inline",
             UserWarning,
             stacklevel=2,
         )
-        return _inline_token(pickled)
+        return Token(_inline_token(pickled))
 
 
-def read(token: str, *, readonly: bool = True) -> object:
+@overload
+def read(token: Token[_T], *, readonly: bool = True) -> _T: ...
+@overload
+def read(token: str, *, readonly: bool = True) -> Any: ...
+def read(token: str, *, readonly: bool = True) -> Any:
     """Rebuild the object behind ``token``.
 
     Parameters
