@@ -11,6 +11,10 @@ constructors parse their arguments there and call the same private cores
 unvalidated arguments. The header itself is always checked for bounds, also by
 ``attach_unsafe``: a wrong guess there would be a crash, not a wrong answer.
 
+Every constructor but ``attach`` takes an optional leading ``manager``; which
+argument is the manager is decided in one place too, :func:`_leading_manager`,
+for the validated and the ``_unsafe`` variants alike.
+
 Where the copies and page faults are
 ------------------------------------
 * ``allocate``: no copy; pages are reserved (``posix_fallocate``) and mapped
@@ -74,7 +78,7 @@ class _ArrayOf(Protocol[_ScalarT_co]):
 
 
 class _Unset:
-    """The type of :data:`_UNSET`, the default of parameters that may move (see below)."""
+    """The type of ``_UNSET``, the default of parameters that may move (``_leading_manager``)."""
 
     def __repr__(self) -> str:
         return "<unset>"
