@@ -26,7 +26,7 @@ def main() -> None:
     readings = np.zeros((3, 4), dtype=[("station", "U8"), ("temperature", "<f4")], order="F")
     readings["station"] = "north"
     readings["temperature"] = 20.0
-    with SharedArray.copy(None, readings) as shared:
+    with SharedArray.copy(readings) as shared:
         subprocess.run([sys.executable, "-c", CHILD, shared.name], check=True, timeout=60)
         print("parent:", shared.as_array()["temperature"][0])
 

@@ -25,7 +25,7 @@ def client(name: str) -> None:
 
 
 def main() -> None:
-    owner = SharedArray.allocate(None, shape=(1000, 1000), dtype="float64")
+    owner = SharedArray.allocate((1000, 1000), "float64")
     arr = owner.as_array()
     arr[:] = np.random.default_rng(1).random((1000, 1000))
     print(f"owner wrote sum {arr.sum():.3f}")

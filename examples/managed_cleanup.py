@@ -23,7 +23,7 @@ def main() -> None:
         except BlockNotFoundError as exc:
             print(f"after managed(): {exc}")
     # A plain `with` works too, with or without a manager.
-    with SharedArray.allocate(None, (3,), "int32") as shared:
+    with SharedArray.allocate((3,), "int32") as shared:
         shared.as_array()[:] = [1, 2, 3]
         print(f"{shared.name}: {shared.as_array().tolist()}")
 

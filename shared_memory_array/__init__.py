@@ -7,6 +7,7 @@ header), ``_heap`` (an allocator inside a block), then what users touch:
 (:func:`list_blocks`, :func:`cleanup`, ``python -m shared_memory_array``).
 """
 
+from ._array import ManagedSharedMemoryArray as ManagedSharedMemoryArray
 from ._array import SharedArray as SharedArray
 from ._array import SharedMemoryArray as SharedMemoryArray
 from ._codec import read as read
@@ -20,6 +21,7 @@ from ._registry import CleanupResult as CleanupResult
 from ._registry import cleanup as cleanup
 from ._registry import list_blocks as list_blocks
 from ._shared_data import SharedData as SharedData
+from ._token import Token as Token
 from .errors import AllocationError as AllocationError
 from .errors import BlockExistsError as BlockExistsError
 from .errors import BlockNotFoundError as BlockNotFoundError
@@ -36,12 +38,14 @@ __all__ = [
     "BlockNotFoundError",
     "CleanupResult",
     "LayoutError",
+    "ManagedSharedMemoryArray",
     "SharedArray",
     "SharedArrayError",
     "SharedData",
     "SharedDict",
     "SharedDictLock",
     "SharedMemoryArray",
+    "Token",
     "UntrustedBlockError",
     "ZeroCopyDict",
     "cleanup",

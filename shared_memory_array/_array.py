@@ -11,6 +11,10 @@ constructors parse their arguments there and call the same private cores
 unvalidated arguments. The header itself is always checked for bounds, also by
 ``attach_unsafe``: a wrong guess there would be a crash, not a wrong answer.
 
+Every constructor but ``attach`` takes an optional leading ``manager``; which
+argument is the manager is decided in one place too, :func:`_leading_manager`,
+for the validated and the ``_unsafe`` variants alike.
+
 Where the copies and page faults are
 ------------------------------------
 * ``allocate``: no copy; pages are reserved (``posix_fallocate``) and mapped
@@ -31,16 +35,15 @@ import operator
 import os
 import weakref
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import managers
-from multiprocessing.managers import SharedMemoryManager
+from multiprocessing.managers import BaseManager, SharedMemoryManager
 from types import TracebackType
-from typing import Any, Literal, SupportsIndex, TypeAlias
+from typing import Any, Final, Generic, Literal, Protocol, SupportsIndex, TypeAlias, overload
 
 import numpy as np
-from numpy.typing import DTypeLike, NDArray
-from typing_extensions import Self
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+from typing_extensions import Self, TypeVar
 
 from ._block import SharedBlock, unlink_block
 from ._header import (
@@ -55,19 +58,52 @@ from ._identity import check_same_shm, shm_identity
 from ._lifetime import Hold
 from .errors import BlockNotFoundError, LayoutError
 
-__all__ = ["ArrayLayout", "SharedArray", "SharedMemoryArray", "parse_dtype", "parse_shape"]
+__all__ = [
+    "ArrayLayout",
+    "ManagedSharedMemoryArray",
+    "SharedArray",
+    "SharedMemoryArray",
+    "parse_dtype",
+    "parse_shape",
+]
 
 ShapeLike: TypeAlias = SupportsIndex | Iterable[SupportsIndex]
 OrderLike: TypeAlias = Literal["C", "F", "c", "f"]
 _MAX_NBYTES = (1 << 63) - 1
+
+# The scalar type a SharedArray holds, as in numpy's NDArray[np.float32]. Covariant like
+# ndarray's; the default makes a bare ``SharedArray`` mean ``SharedArray[Any]``.
+_ScalarT = TypeVar("_ScalarT", bound=np.generic)
+_ScalarT_co = TypeVar("_ScalarT_co", bound=np.generic, covariant=True, default=Any)
+
+# A dtype argument that fixes the scalar type: np.float32 or np.dtype(np.float32).
+_DTypeOf: TypeAlias = "type[_ScalarT] | np.dtype[_ScalarT]"
+
+
+class _ArrayOf(Protocol[_ScalarT_co]):
+    """Anything ``np.asarray`` turns into an ``NDArray[T]``: an ndarray, a SharedArray."""
+
+    def __array__(self) -> NDArray[_ScalarT_co]: ...
+
+
+class _Unset:
+    """The type of ``_UNSET``, the default of parameters that may move (``_leading_manager``)."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Final[Any] = _Unset()
 
 
 def parse_shape(shape: ShapeLike) -> tuple[int, ...]:
     """Normalise an int or an iterable of ints to a tuple of non-negative ints."""
     if isinstance(shape, Iterable) and not isinstance(shape, (str, bytes)):
         dims = tuple(operator.index(d) for d in shape)
-    else:
+    elif hasattr(type(shape), "__index__"):
         dims = (operator.index(shape),)  # type: ignore[arg-type]
+    else:
+        raise TypeError(f"shape must be an int or an iterable of ints, not {type(shape).__name__}")
     if any(d < 0 for d in dims):
         raise ValueError(f"negative dimensions are not allowed: shape {dims}")
     if len(dims) > 64:
@@ -232,17 +268,44 @@ def _let_go(hold: Hold, creator_pid: int) -> None:
         hold.drop_owner()
 
 
-def _check_manager(manager: object) -> SharedMemoryManager | None:
-    if manager is None:
-        return None
-    if not isinstance(manager, SharedMemoryManager):
+def _leading_manager(
+    method: str, first: Any, names: tuple[str, ...], *rest: Any
+) -> tuple[SharedMemoryManager | None, tuple[Any, ...]]:
+    """Sort out a constructor's optional leading ``manager``: the one place that does.
+
+    ``first`` is what was bound to ``manager``, ``rest`` what was bound to the
+    parameters ``names`` after it (``_UNSET`` where nothing was). ``first`` is the
+    manager only when it is ``None`` or a ``SharedMemoryManager``; anything else
+    was meant for the first of ``names``, so it takes that place and the values
+    given move one parameter on, into the first one left unset.
+
+    Raises
+    ------
+    TypeError
+        ``first`` is another kind of multiprocessing manager, or, taken as
+        ``names[0]``, it leaves one argument more than there are parameters.
+    ValueError
+        The ``SharedMemoryManager`` has not been started.
+    """
+    if first is None:
+        return None, rest
+    if isinstance(first, SharedMemoryManager):
+        if getattr(first, "_address", None) is None:
+            raise ValueError("the SharedMemoryManager has not been started")
+        return first, rest
+    if isinstance(first, BaseManager):
         raise TypeError(
             "manager must be a multiprocessing.managers.SharedMemoryManager or None, "
-            f"not {type(manager).__name__}"
+            f"not {type(first).__name__}"
         )
-    if getattr(manager, "_address", None) is None:
-        raise ValueError("the SharedMemoryManager has not been started")
-    return manager
+    free = next((i for i, value in enumerate(rest) if value is _UNSET), None)
+    if free is None:
+        raise TypeError(
+            f"{method}() got a {type(first).__name__} where the manager goes, so it was "
+            f"taken as {names[0]!r}, which leaves one argument too many for "
+            f"({', '.join(names)}); a manager must be None or a SharedMemoryManager"
+        )
+    return None, (first, *rest[:free], *rest[free + 1 :])
 
 
 def _check_safe(layout: ArrayLayout) -> None:
@@ -253,13 +316,24 @@ def _check_safe(layout: ArrayLayout) -> None:
         raise ValueError(f"array of shape {layout.shape} is too big ({layout.nbytes} bytes)")
 
 
-class SharedArray:
+def _default_dtype(dtype: Any) -> Any:
+    """``float64`` where no dtype was given, as ``numpy.zeros`` does."""
+    return np.float64 if dtype is _UNSET else dtype
+
+
+class SharedArray(Generic[_ScalarT_co]):
     """A handle to one numpy array in a named shared-memory block.
 
     Create one with :meth:`allocate`, :meth:`allocate_like` or :meth:`copy`
     (this handle then owns the block), or :meth:`attach` to an existing block
     by name. :meth:`as_array` returns a zero-copy view; writes through it are
-    seen by every process that maps the block.
+    seen by every process that maps the block. The handle also speaks numpy's
+    array protocol: ``np.asarray(sa)`` is that same view, and ``sa[i]``,
+    ``sa[i] = v``, ``len(sa)`` and iteration act on it. It is not an ndarray
+    subclass: use the view for arithmetic.
+
+    Generic in its scalar type like ``numpy.ndarray``: ``SharedArray.copy(x)``
+    with ``x: NDArray[np.float32]`` is a ``SharedArray[np.float32]``.
 
     The owner unlinks the block on :meth:`close` (or :meth:`unlink`, or on
     leaving a ``with`` block), when the owner handle is garbage collected, and
@@ -270,10 +344,11 @@ class SharedArray:
 
     Examples
     --------
-    >>> with SharedArray.allocate(None, (2, 3), "float32") as sa:
-    ...     sa.as_array()[:] = 1.0
+    >>> import numpy as np
+    >>> with SharedArray.allocate((2, 3), "float32") as sa:
+    ...     sa[:] = 1.0
     ...     other = SharedArray.attach(sa.name)
-    ...     float(other.as_array().sum())
+    ...     float(np.asarray(other).sum())
     6.0
     """
 
@@ -385,102 +460,302 @@ class SharedArray:
             weakref.finalize(self, _let_go, block.hold, self._owner_pid)
 
     # -- constructors ----------------------------------------------------------------------
+    #
+    # Each constructor takes an optional leading ``manager``: the overloads spell out both
+    # forms for type checkers, and _leading_manager() sorts them out at run time. mypy cannot
+    # see that a leading non-manager takes the next parameter's place, hence the
+    # ``type: ignore[misc]`` on each implementation ("does not accept all possible
+    # parameters"): the tests call every form.
 
+    @overload
     @classmethod
     def allocate(
         cls,
-        manager: SharedMemoryManager | None = None,
-        shape: ShapeLike | None = None,
-        dtype: DTypeLike = np.float64,
+        manager: SharedMemoryManager | None,
+        shape: ShapeLike,
+        dtype: _DTypeOf[_ScalarT],
         *,
         order: OrderLike = "C",
-    ) -> Self:
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate(
+        cls,
+        manager: SharedMemoryManager | None,
+        shape: ShapeLike,
+        dtype: None = None,
+        *,
+        order: OrderLike = "C",
+    ) -> SharedArray[np.float64]: ...
+    @overload
+    @classmethod
+    def allocate(
+        cls,
+        manager: SharedMemoryManager | None,
+        shape: ShapeLike,
+        dtype: DTypeLike,
+        *,
+        order: OrderLike = "C",
+    ) -> SharedArray[Any]: ...
+    @overload
+    @classmethod
+    def allocate(
+        cls, shape: ShapeLike, dtype: _DTypeOf[_ScalarT], *, order: OrderLike = "C"
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate(
+        cls, shape: ShapeLike, dtype: None = None, *, order: OrderLike = "C"
+    ) -> SharedArray[np.float64]: ...
+    @overload
+    @classmethod
+    def allocate(
+        cls, shape: ShapeLike, dtype: DTypeLike, *, order: OrderLike = "C"
+    ) -> SharedArray[Any]: ...
+    @classmethod  # type: ignore[misc]
+    def allocate(
+        cls,
+        manager: Any = None,
+        shape: Any = _UNSET,
+        dtype: Any = _UNSET,
+        *,
+        order: OrderLike = "C",
+    ) -> SharedArray[Any]:
         """Create a zero-filled shared array.
+
+        ``allocate(manager, shape, dtype)``, ``allocate(shape, dtype)`` and the
+        keyword forms are all accepted: the first argument is the manager only
+        when it is ``None`` or a ``SharedMemoryManager``.
 
         Parameters
         ----------
         manager
             A started ``SharedMemoryManager`` whose shutdown also unlinks the
-            block, or ``None``.
+            block, or ``None`` (the default): this handle owns the block.
         shape
             An int or an iterable of ints (numpy integers included); ``()`` is 0-d.
         dtype
             Anything ``numpy.dtype()`` accepts, structured included; not object.
+            Default ``float64``.
         order
             ``"C"`` (row-major, default) or ``"F"`` (column-major).
 
         Raises
         ------
         TypeError, ValueError
-            Invalid shape, dtype or order (see :meth:`ArrayLayout.parse`).
+            Invalid shape, dtype or order (see :meth:`ArrayLayout.parse`), or
+            more arguments than parameters.
         AllocationError
             The system cannot provide the memory.
-        """
-        if shape is None:
-            raise TypeError("allocate() needs a shape")
-        return cls._create(_check_manager(manager), ArrayLayout.parse(shape, dtype, order))
 
+        Examples
+        --------
+        >>> with SharedArray.allocate((2, 3), "int32") as sa:
+        ...     sa.shape, sa.dtype.name
+        ((2, 3), 'int32')
+        """
+        manager, (shape, dtype) = _leading_manager(
+            "allocate", manager, ("shape", "dtype"), shape, dtype
+        )
+        if shape is _UNSET or shape is None:
+            raise TypeError("allocate() needs a shape")
+        return cls._create(manager, ArrayLayout.parse(shape, _default_dtype(dtype), order))
+
+    @overload
     @classmethod
     def allocate_unsafe(
         cls,
-        manager: SharedMemoryManager | None = None,
-        shape: ShapeLike | None = None,
-        dtype: DTypeLike = np.float64,
+        manager: SharedMemoryManager | None,
+        shape: ShapeLike,
+        dtype: _DTypeOf[_ScalarT],
         *,
         order: OrderLike = "C",
-    ) -> Self:
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate_unsafe(
+        cls,
+        manager: SharedMemoryManager | None,
+        shape: ShapeLike,
+        dtype: None = None,
+        *,
+        order: OrderLike = "C",
+    ) -> SharedArray[np.float64]: ...
+    @overload
+    @classmethod
+    def allocate_unsafe(
+        cls,
+        manager: SharedMemoryManager | None,
+        shape: ShapeLike,
+        dtype: DTypeLike,
+        *,
+        order: OrderLike = "C",
+    ) -> SharedArray[Any]: ...
+    @overload
+    @classmethod
+    def allocate_unsafe(
+        cls, shape: ShapeLike, dtype: _DTypeOf[_ScalarT], *, order: OrderLike = "C"
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate_unsafe(
+        cls, shape: ShapeLike, dtype: None = None, *, order: OrderLike = "C"
+    ) -> SharedArray[np.float64]: ...
+    @overload
+    @classmethod
+    def allocate_unsafe(
+        cls, shape: ShapeLike, dtype: DTypeLike, *, order: OrderLike = "C"
+    ) -> SharedArray[Any]: ...
+    @classmethod  # type: ignore[misc]
+    def allocate_unsafe(
+        cls,
+        manager: Any = None,
+        shape: Any = _UNSET,
+        dtype: Any = _UNSET,
+        *,
+        order: OrderLike = "C",
+    ) -> SharedArray[Any]:
         """:meth:`allocate` without argument validation; the caller guarantees them.
 
-        ``shape`` must be a tuple of non-negative ints and ``dtype`` a valid,
-        object-free dtype.
+        The same forms as :meth:`allocate`. ``shape`` must be an int or a
+        sequence of non-negative ints and ``dtype`` a valid, object-free dtype.
         """
-        layout = ArrayLayout(tuple(shape), np.dtype(dtype), order == "F")  # type: ignore[arg-type]
+        manager, (shape, dtype) = _leading_manager(
+            "allocate_unsafe", manager, ("shape", "dtype"), shape, dtype
+        )
+        if shape is _UNSET or shape is None:
+            raise TypeError("allocate_unsafe() needs a shape")
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)
+        layout = ArrayLayout(dims, np.dtype(_default_dtype(dtype)), order in ("F", "f"))
         return cls._create(manager, layout)
 
+    @overload
     @classmethod
-    def allocate_like(cls, manager: SharedMemoryManager | None, template: NDArray[Any]) -> Self:
-        """Create a zero-filled shared array with the shape, dtype and order of ``template``."""
+    def allocate_like(
+        cls, manager: SharedMemoryManager | None, template: _ArrayOf[_ScalarT]
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate_like(
+        cls, manager: SharedMemoryManager | None, template: ArrayLike
+    ) -> SharedArray[Any]: ...
+    @overload
+    @classmethod
+    def allocate_like(cls, template: _ArrayOf[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate_like(cls, template: ArrayLike) -> SharedArray[Any]: ...
+    @classmethod  # type: ignore[misc]
+    def allocate_like(cls, manager: Any = None, template: Any = _UNSET) -> SharedArray[Any]:
+        """Create a zero-filled shared array with the shape, dtype and order of ``template``.
+
+        ``allocate_like(manager, template)`` or ``allocate_like(template)``.
+        """
+        manager, (template,) = _leading_manager("allocate_like", manager, ("template",), template)
+        if template is _UNSET:
+            raise TypeError("allocate_like() needs a template")
         template = np.asarray(template)
         return cls._create(
-            _check_manager(manager),
+            manager,
             ArrayLayout.parse(template.shape, template.dtype, ArrayLayout.of(template).order),
         )
 
+    @overload
     @classmethod
     def allocate_like_unsafe(
-        cls, manager: SharedMemoryManager | None, template: NDArray[Any]
-    ) -> Self:
+        cls, manager: SharedMemoryManager | None, template: NDArray[_ScalarT]
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def allocate_like_unsafe(cls, template: NDArray[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    @classmethod  # type: ignore[misc]
+    def allocate_like_unsafe(cls, manager: Any = None, template: Any = _UNSET) -> SharedArray[Any]:
         """:meth:`allocate_like` without validation; ``template`` must be an ndarray."""
+        manager, (template,) = _leading_manager(
+            "allocate_like_unsafe", manager, ("template",), template
+        )
+        if template is _UNSET:
+            raise TypeError("allocate_like_unsafe() needs a template")
         return cls._create(manager, ArrayLayout.of(template))
 
+    @overload
     @classmethod
-    def copy(cls, manager: SharedMemoryManager | None, array: NDArray[Any]) -> Self:
+    def copy(
+        cls, manager: SharedMemoryManager | None, array: _ArrayOf[_ScalarT]
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def copy(cls, manager: SharedMemoryManager | None, array: ArrayLike) -> SharedArray[Any]: ...
+    @overload
+    @classmethod
+    def copy(cls, array: _ArrayOf[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def copy(cls, array: ArrayLike) -> SharedArray[Any]: ...
+    @classmethod  # type: ignore[misc]
+    def copy(cls, manager: Any = None, array: Any = _UNSET) -> SharedArray[Any]:
         """Create a shared array holding a copy of ``array`` (any array-like).
 
-        An F-contiguous source stays F-contiguous; any other non-contiguous
-        source (a slice, a transpose, a broadcast) is stored C-contiguous and
-        compares equal.
+        ``copy(manager, array)`` or ``copy(array)``. An F-contiguous source
+        stays F-contiguous; any other non-contiguous source (a slice, a
+        transpose, a broadcast) is stored C-contiguous and compares equal.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> with SharedArray.copy(np.arange(6).reshape(2, 3).T) as sa:
+        ...     sa.shape, sa[0].tolist()
+        ((3, 2), [0, 3])
         """
+        manager, (array,) = _leading_manager("copy", manager, ("array",), array)
+        if array is _UNSET:
+            raise TypeError("copy() needs an array")
         source = np.asarray(array)
         layout = ArrayLayout.parse(source.shape, source.dtype, ArrayLayout.of(source).order)
-        return cls._create(_check_manager(manager), layout, source)
+        return cls._create(manager, layout, source)
 
+    @overload
     @classmethod
-    def copy_unsafe(cls, manager: SharedMemoryManager | None, array: NDArray[Any]) -> Self:
+    def copy_unsafe(
+        cls, manager: SharedMemoryManager | None, array: NDArray[_ScalarT]
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def copy_unsafe(cls, array: NDArray[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    @classmethod  # type: ignore[misc]
+    def copy_unsafe(cls, manager: Any = None, array: Any = _UNSET) -> SharedArray[Any]:
         """:meth:`copy` without validation; ``array`` must be an object-free ndarray."""
+        manager, (array,) = _leading_manager("copy_unsafe", manager, ("array",), array)
+        if array is _UNSET:
+            raise TypeError("copy_unsafe() needs an array")
         return cls._create(manager, ArrayLayout.of(array), array)
 
+    @overload
+    @classmethod
+    def attach(
+        cls, name: str, shape: ShapeLike | None, dtype: _DTypeOf[_ScalarT]
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def attach(
+        cls, name: str, shape: ShapeLike | None = None, *, dtype: _DTypeOf[_ScalarT]
+    ) -> SharedArray[_ScalarT]: ...
+    @overload
+    @classmethod
+    def attach(
+        cls, name: str, shape: ShapeLike | None = None, dtype: DTypeLike | None = None
+    ) -> SharedArray[Any]: ...
     @classmethod
     def attach(
         cls,
         name: str,
         shape: ShapeLike | None = None,
         dtype: DTypeLike | None = None,
-    ) -> Self:
+    ) -> SharedArray[Any]:
         """Attach to an existing shared array by name; this handle does not own it.
 
         Shape and dtype are read from the block's header. When given, they are
-        checked against it.
+        checked against it (so a ``dtype`` given here also types the result).
 
         Raises
         ------
@@ -502,7 +777,7 @@ class SharedArray:
         name: str,
         shape: ShapeLike | None = None,
         dtype: DTypeLike | None = None,
-    ) -> Self:
+    ) -> SharedArray[Any]:
         """:meth:`attach` without comparing ``shape``/``dtype`` and without the header CRC.
 
         The header's bounds are still checked, so a bad block raises
@@ -512,7 +787,7 @@ class SharedArray:
 
     # -- instance API ----------------------------------------------------------------------
 
-    def as_array(self) -> NDArray[Any]:
+    def as_array(self) -> NDArray[_ScalarT_co]:
         """Return a zero-copy ndarray view of the shared data.
 
         The view keeps the mapping alive on its own: it stays valid after
@@ -548,7 +823,7 @@ class SharedArray:
         return self._layout.shape
 
     @property
-    def dtype(self) -> np.dtype[Any]:
+    def dtype(self) -> np.dtype[_ScalarT_co]:
         """Array dtype."""
         return self._layout.dtype
 
@@ -605,13 +880,12 @@ class SharedArray:
             block.close()
         self._owner_pid = 0
 
-    @contextmanager
-    def managed(self) -> Iterator[Self]:
-        """Context manager yielding this handle and closing it on exit."""
-        try:
-            yield self
-        finally:
-            self.close()
+    def managed(self) -> ManagedSharedMemoryArray[_ScalarT_co]:
+        """A context manager yielding this handle and closing it on exit.
+
+        See :class:`ManagedSharedMemoryArray`.
+        """
+        return ManagedSharedMemoryArray(self)
 
     def __enter__(self) -> Self:
         return self
@@ -650,10 +924,56 @@ class SharedArray:
             ),
         )
 
+    # -- numpy protocol: the same zero-copy view as as_array() ----------------------------
+
+    @overload
+    def __array__(self, dtype: None = None, copy: bool | None = None) -> NDArray[_ScalarT_co]: ...
+    @overload
+    def __array__(self, dtype: DTypeLike, copy: bool | None = None) -> NDArray[Any]: ...
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> NDArray[Any]:
+        """The view of :meth:`as_array`, for ``np.asarray(sa)`` and every numpy function.
+
+        Parameters
+        ----------
+        dtype
+            Convert to this dtype (a copy) unless it is the array's own.
+        copy
+            numpy 2's protocol: ``None`` copies only for a conversion, ``True``
+            always copies, ``False`` never does.
+
+        Raises
+        ------
+        ValueError
+            ``copy=False`` with a ``dtype`` that needs a conversion, or the
+            handle is closed.
+        """
+        view = self.as_array()
+        if dtype is not None and np.dtype(dtype) != view.dtype:
+            if copy is False:
+                raise ValueError(
+                    f"SharedArray {self._name!r} holds {view.dtype}: an array of dtype "
+                    f"{np.dtype(dtype)} needs a copy, which copy=False forbids"
+                )
+            return view.astype(dtype)
+        return view.copy() if copy else view
+
     def __len__(self) -> int:
+        """Length of the first axis, like ``len(ndarray)``; ``TypeError`` for 0-d."""
         if not self._layout.shape:
             raise TypeError("len() of a 0-d SharedArray")
         return self._layout.shape[0]
+
+    def __getitem__(self, key: Any) -> Any:
+        """``sa[key]`` is ``sa.as_array()[key]``: basic indexing gives views of shared memory."""
+        return self.as_array()[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``sa[key] = value`` writes into shared memory, seen by every process."""
+        self.as_array()[key] = value
+
+    def __iter__(self) -> Iterator[Any]:
+        """Iterate over the first axis of the view; ``TypeError`` for 0-d."""
+        return iter(self.as_array())
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("owner" if self.owner else "attached")
@@ -661,6 +981,71 @@ class SharedArray:
             f"<SharedArray {self._name!r} shape={self._layout.shape} "
             f"dtype={self._layout.dtype} order={self._layout.order} {state}>"
         )
+
+
+class ManagedSharedMemoryArray(Generic[_ScalarT_co]):
+    """What :meth:`SharedArray.managed` returns: a context manager around one handle.
+
+    ``with sa.managed() as a:`` yields the :class:`SharedArray` itself and closes
+    it on exit (the owner's close also unlinks). Attribute access and the numpy
+    protocol are forwarded to the handle, so ``m.shape``, ``m.as_array()``,
+    ``np.asarray(m)`` and ``m[0]`` work on the managed object too.
+
+    Entering it after the handle is closed raises :class:`ValueError`; calling
+    ``__exit__`` without ``__enter__`` just closes the handle.
+
+    Examples
+    --------
+    >>> m = SharedArray.allocate(3, "int8").managed()
+    >>> with m as sa:
+    ...     sa[:] = 7
+    ...     m.shape, int(m[0])
+    ((3,), 7)
+    >>> m.closed
+    True
+    """
+
+    __slots__ = ("_array",)
+
+    def __init__(self, array: SharedArray[_ScalarT_co]) -> None:
+        self._array = array
+
+    def __enter__(self) -> SharedArray[_ScalarT_co]:
+        if self._array.closed:
+            raise ValueError(f"{self._array!r} is closed: a managed array cannot be re-entered")
+        return self._array
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._array.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_array":  # not set yet (a half-built copy): no endless recursion
+            raise AttributeError(name)
+        return getattr(self._array, name)
+
+    def __array__(self, dtype: DTypeLike | None = None, copy: bool | None = None) -> NDArray[Any]:
+        """The handle's ``__array__``: the zero-copy view."""
+        return self._array.__array__(dtype, copy)
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._array[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._array[key] = value
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._array)
+
+    def __repr__(self) -> str:
+        return f"<ManagedSharedMemoryArray {self._array!r}>"
 
 
 def _unpickle(

@@ -128,7 +128,7 @@ import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar, overload
 
 import numpy as np
 
@@ -145,6 +145,7 @@ from ._header import (
     parse_header,
 )
 from ._identity import IDENTITY_LENGTH, check_same_shm, shm_identity
+from ._token import Token
 from .errors import BlockNotFoundError, LayoutError
 
 __all__ = ["configure", "read", "release", "write"]
@@ -887,7 +888,10 @@ def configure(*, pool_bytes: int | None = None) -> None:
         _writer._trim_pool(limit)
 
 
-def write(obj: object, *, threshold: int = 1_000_000) -> str:
+_T = TypeVar("_T")
+
+
+def write(obj: _T, *, threshold: int = 1_000_000) -> Token[_T]:
     """Serialise ``obj`` and return a token that any process of this user can read.
 
     Parameters
@@ -900,9 +904,10 @@ def write(obj: object, *, threshold: int = 1_000_000) -> str:
 
     Returns
     -------
-    str
-        An ASCII token, ``SMA1:<mode>:<payload>``; shared-memory tokens are
-        printable and under 256 characters.
+    Token
+        A ``str`` subclass typed by ``obj``: an ASCII token,
+        ``SMA1:<mode>:<payload>``; shared-memory tokens are printable and under
+        256 characters.
 
     Raises
     ------
@@ -920,19 +925,23 @@ def write(obj: object, *, threshold: int = 1_000_000) -> str:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     pickled = pickle_out_of_band(obj)
     if pickled.nbytes < threshold:
-        return _inline_token(pickled)
+        return Token(_inline_token(pickled))
     try:
-        return _writer.write(pickled, shm_identity())
+        return Token(_writer.write(pickled, shm_identity()))
     except MemoryError as exc:  # AllocationError: no memory, inode or descriptor left
         warnings.warn(
             f"shared memory unavailable ({exc}); sending {pickled.nbytes} bytes inline",
             UserWarning,
             stacklevel=2,
         )
-        return _inline_token(pickled)
+        return Token(_inline_token(pickled))
 
 
-def read(token: str, *, readonly: bool = True) -> object:
+@overload
+def read(token: Token[_T], *, readonly: bool = True) -> _T: ...
+@overload
+def read(token: str, *, readonly: bool = True) -> Any: ...
+def read(token: str, *, readonly: bool = True) -> Any:
     """Rebuild the object behind ``token``.
 
     Parameters

@@ -1,8 +1,9 @@
 """Broadcast: serialise one object once, let any number of processes load it by name.
 
 :class:`SharedData` writes its object into one codec block (the format of
-:mod:`shared_memory_array._codec`, generation 0, never reused) and unlinks it on
-exit from the ``with`` block. :meth:`SharedData.load` reads a block by name
+:mod:`shared_memory_array._codec`, generation 0, never reused) on entering the
+``with`` block and unlinks it on exit, so a ``SharedData`` that is built but never
+entered holds no shared memory. :meth:`SharedData.load` reads a block by name
 through the codec's reader, so numpy arrays are read-only zero-copy views, and
 caches the result per process.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import threading
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 from typing_extensions import Self
 
@@ -50,12 +51,19 @@ class SharedData:
         Any picklable object; numpy arrays in it are not pickled but copied
         once into the block.
 
+    The block is created on entering ``with`` (``obj`` is pickled then, once)
+    and unlinked on leaving it. :attr:`name` and :attr:`size` exist only in
+    between; a ``SharedData`` is entered once.
+
     Raises
     ------
     pickle.PicklingError
-        ``obj`` cannot be pickled (no block is created).
+        On entering: ``obj`` cannot be pickled (no block is created).
     AllocationError
-        Shared memory is full.
+        On entering: shared memory is full.
+    RuntimeError
+        :attr:`name` or :attr:`size` outside the ``with`` block, or entering
+        a second time.
 
     Examples
     --------
@@ -68,21 +76,49 @@ class SharedData:
     _cache: ClassVar[dict[str, object]] = {}
     _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
+    _block: SharedBlock | None = None
+
     def __init__(self, obj: object) -> None:
-        # Kept open until the end: this process holds the block for as long as it serves it.
-        self._block = create_block(pickle_out_of_band(obj))
+        self._obj: object = obj
+        self._state: Literal["new", "open", "done"] = "new"
+
+    def _open_block(self, what: str) -> SharedBlock:
+        if self._block is None or self._state != "open":
+            when = "before entering" if self._state == "new" else "after leaving"
+            raise RuntimeError(
+                f"SharedData.{what} exists only inside its with block (here: {when} it)"
+            )
+        return self._block
 
     @property
     def name(self) -> str:
-        """The block's name: pass it to workers, which call :meth:`load`."""
-        return self._block.name
+        """The block's name: pass it to workers, which call :meth:`load`.
+
+        Raises
+        ------
+        RuntimeError
+            Outside the ``with`` block.
+        """
+        return self._open_block("name").name
 
     @property
     def size(self) -> int:
-        """Size of the block in bytes."""
-        return self._block.size
+        """Size of the block in bytes.
+
+        Raises
+        ------
+        RuntimeError
+            Outside the ``with`` block.
+        """
+        return self._open_block("size").size
 
     def __enter__(self) -> Self:
+        if self._state != "new":
+            raise RuntimeError("a SharedData is entered once; make a new one to share again")
+        # Kept open until the end: this process holds the block for as long as it serves it.
+        block = create_block(pickle_out_of_band(self._obj))
+        self._block, self._state = block, "open"
+        self._obj = None  # the block holds it now; let the caller's object go when it may
         return self
 
     def __exit__(
@@ -92,16 +128,23 @@ class SharedData:
         traceback: TracebackType | None,
     ) -> None:
         self.unlink()
+        self._state = "done"
 
     def unlink(self) -> None:
-        """Remove the block now (idempotent); objects already loaded stay valid."""
-        self._block.unlink()
-        self._block.close()
+        """Remove the block now (idempotent); objects already loaded stay valid.
+
+        Before entering it does nothing: there is no block yet.
+        """
+        block = self._block
+        if block is None:
+            return
+        block.unlink()
+        block.close()
         with self._cache_lock:
-            self._cache.pop(self.name, None)
+            self._cache.pop(block.name, None)
 
     @classmethod
-    def load(cls, name: str) -> object:
+    def load(cls, name: str) -> Any:
         """Return the object in block ``name``, cached in this process after the first call.
 
         Raises
@@ -131,4 +174,6 @@ class SharedData:
             cls._cache.clear()
 
     def __repr__(self) -> str:
-        return f"<SharedData {self.name!r} {self.size} bytes>"
+        if self._block is None or self._state != "open":
+            return f"<SharedData {'not entered' if self._state == 'new' else 'left'}>"
+        return f"<SharedData {self._block.name!r} {self._block.size} bytes>"

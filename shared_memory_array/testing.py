@@ -1,6 +1,7 @@
 """Hypothesis strategies for shared arrays, for this project's tests and for yours.
 
-Needs the optional ``hypothesis`` package (``pip install shared-memory-array[test]``).
+Needs the optional ``hypothesis`` package: ``pip install 'shared-memory-array[test]'``.
+Without it, importing this module raises an ``ImportError`` that says so.
 
 >>> from hypothesis import given
 >>> from shared_memory_array.testing import arrays
@@ -13,9 +14,20 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
+
+try:
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+except ModuleNotFoundError as exc:  # only a missing Hypothesis; its own errors pass through
+    if exc.name is None or exc.name.split(".")[0] != "hypothesis":
+        raise
+    # ModuleNotFoundError (an ImportError) so that pytest.importorskip skips quietly.
+    raise ModuleNotFoundError(
+        "shared_memory_array.testing needs Hypothesis, which is not installed: "
+        "pip install 'shared-memory-array[test]'",
+        name=exc.name,
+    ) from exc
 
 from ._array import SharedArray
 
@@ -91,7 +103,7 @@ def shared_arrays(draw: st.DrawFn) -> SharedArray:
     Each example owns a block: close it (or use it as a context manager) when
     done; blocks left open are unlinked when the process exits.
     """
-    return SharedArray.copy(None, draw(arrays()))
+    return SharedArray.copy(draw(arrays()))
 
 
 def assert_same_array(actual: NDArray[Any], expected: NDArray[Any]) -> None:

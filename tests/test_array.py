@@ -6,7 +6,8 @@ import gc
 import os
 import pickle
 import stat
-from multiprocessing.managers import SharedMemoryManager
+from multiprocessing.managers import SharedMemoryManager, SyncManager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -41,9 +42,9 @@ def test_alias_is_the_same_class() -> None:
         (range(1, 4), (1, 2, 3)),
     ],
 )
-def test_allocate_accepts_every_shape_like(shape: object, expected: tuple[int, ...]) -> None:
+def test_allocate_accepts_every_shape_like(shape: Any, expected: tuple[int, ...]) -> None:
     """Ints, iterables and numpy integers all give the same plain-int shape, zero-filled."""
-    with SharedArray.allocate(None, shape, "int16") as sa:  # type: ignore[arg-type]
+    with SharedArray.allocate(None, shape, "int16") as sa:
         arr = sa.as_array()
         assert sa.shape == expected == arr.shape
         assert all(type(d) is int for d in sa.shape)
@@ -76,11 +77,11 @@ def test_allocate_positional_and_keyword_forms_agree() -> None:
     ],
 )
 def test_invalid_arguments_raise_clear_errors(
-    kwargs: dict[str, object], error: type[Exception], message: str
+    kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
     """Bad shapes, dtypes and orders raise TypeError/ValueError before anything is created."""
     with pytest.raises(error, match=message):
-        SharedArray.allocate(None, **kwargs)  # type: ignore[arg-type]
+        SharedArray.allocate(None, **kwargs)
 
 
 def test_allocate_like_keeps_shape_dtype_and_order() -> None:
@@ -372,8 +373,10 @@ def test_manager_shutdown_unlinks_blocks_it_bounds() -> None:
 
 
 def test_manager_must_be_a_started_shared_memory_manager() -> None:
-    """Anything but a started SharedMemoryManager (or None) is refused up front."""
+    """Another kind of manager, or a SharedMemoryManager not started, is refused up front."""
     with pytest.raises(TypeError, match="SharedMemoryManager"):
-        SharedArray.allocate(object(), 3)  # type: ignore[arg-type]
+        SharedArray.allocate(SyncManager(), 3)  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="SharedMemoryManager"):
+        SharedArray.copy(SyncManager(), np.zeros(3))  # type: ignore[call-overload]
     with pytest.raises(ValueError, match="not been started"):
         SharedArray.allocate(SharedMemoryManager(), 3)

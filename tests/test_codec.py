@@ -176,7 +176,12 @@ def test_object_arrays_round_trip_in_band() -> None:
 @pytest.mark.parametrize("threshold", [SHARED, INLINE], ids=["shared", "inline"])
 def test_zero_size_buffers_round_trip(threshold: int) -> None:
     """Empty arrays and empty PickleBuffers next to other buffers keep every offset right."""
-    obj = [np.zeros((0, 3)), pickle.PickleBuffer(b""), np.arange(4), pickle.PickleBuffer(b"xy")]
+    obj: list[Any] = [
+        np.zeros((0, 3)),
+        pickle.PickleBuffer(b""),
+        np.arange(4),
+        pickle.PickleBuffer(b"xy"),
+    ]
     result = read(write(obj, threshold=threshold))
     assert isinstance(result, list)
     _assert_same_array(result[0], np.zeros((0, 3)))

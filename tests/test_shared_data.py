@@ -1,4 +1,4 @@
-"""SharedData: write once, load by name with a per-process cache, unlink on exit."""
+"""SharedData: write once on entering, load by name with a per-process cache, unlink on exit."""
 
 from __future__ import annotations
 
@@ -56,24 +56,23 @@ def test_load_is_cached_per_process_until_clear_cache() -> None:
 def test_exit_unlinks_and_later_loads_raise_even_when_cached() -> None:
     """Leaving the with block unlinks the block; load then raises, cached or not."""
     with SharedData(np.arange(5)) as shared:
-        kept = SharedData.load(shared.name)
-    assert shared.name not in library_blocks()
-    with pytest.raises(BlockNotFoundError, match=shared.name):
-        SharedData.load(shared.name)
+        name = shared.name
+        kept = SharedData.load(name)
+    assert name not in library_blocks()
+    with pytest.raises(BlockNotFoundError, match=name):
+        SharedData.load(name)
     np.testing.assert_array_equal(kept, np.arange(5))  # objects loaded before stay valid
 
 
 def test_cache_hit_for_an_unlinked_block_raises() -> None:
     """A cached name whose block was unlinked raises BlockNotFoundError and leaves the cache."""
-    shared = SharedData([1, 2, 3])
-    try:
+    with SharedData([1, 2, 3]) as shared:
         assert SharedData.load(shared.name) == [1, 2, 3]
         SharedBlock.attach(shared.name).unlink()  # gone behind the cache's back
         with pytest.raises(BlockNotFoundError):
             SharedData.load(shared.name)
-    finally:
         shared.unlink()
-    shared.unlink()  # idempotent
+        shared.unlink()  # idempotent, also for a block someone else unlinked
 
 
 @pytest.mark.parametrize("name", [None, 5, b"sma_0123"])
@@ -105,12 +104,59 @@ def test_load_of_a_block_of_another_kind_raises_layout_error() -> None:
         block.unlink()
 
 
-def test_unpicklable_object_raises_and_creates_no_block() -> None:
-    """SharedData of an unpicklable object raises the pickler's error and leaves nothing."""
+def test_unpicklable_object_raises_on_entering_and_creates_no_block() -> None:
+    """Entering a SharedData of an unpicklable object raises the pickler's error, no block."""
     before = library_blocks()
-    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
-        SharedData(lambda: None)
+    shared = SharedData(lambda: None)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)), shared:
+        pytest.fail("entered a SharedData that could not be pickled")
     assert library_blocks() == before
+
+
+def test_the_block_is_created_on_entering_not_by_the_constructor() -> None:
+    """SharedData(obj) allocates nothing; entering creates the block, leaving unlinks it."""
+    before = library_blocks()
+    shared = SharedData(np.ones(1000))
+    assert library_blocks() == before
+    with shared:
+        (created,) = library_blocks() - before
+        assert created == shared.name
+    assert library_blocks() == before
+
+
+@pytest.mark.parametrize("attribute", ["name", "size"])
+def test_name_and_size_exist_only_inside_the_with_block(attribute: str) -> None:
+    """name and size raise RuntimeError before entering and after leaving, as in fastshare."""
+    shared = SharedData([1, 2])
+    with pytest.raises(RuntimeError, match="before entering"):
+        getattr(shared, attribute)
+    with shared:
+        assert getattr(shared, attribute)
+    with pytest.raises(RuntimeError, match="after leaving"):
+        getattr(shared, attribute)
+    assert "left" in repr(shared)
+
+
+def test_a_shared_data_is_entered_once() -> None:
+    """Entering again, while inside or after leaving, raises RuntimeError and creates nothing."""
+    shared = SharedData({"a": 1})
+    with shared:
+        inside = library_blocks()
+        with pytest.raises(RuntimeError, match="entered once"), shared:
+            pytest.fail("entered twice")
+        assert library_blocks() == inside
+        assert SharedData.load(shared.name) == {"a": 1}
+    with pytest.raises(RuntimeError, match="entered once"), shared:
+        pytest.fail("entered after leaving")
+
+
+def test_unlink_before_entering_is_a_no_op() -> None:
+    """unlink() of a SharedData never entered does nothing (there is no block yet)."""
+    shared = SharedData(b"x")
+    shared.unlink()
+    assert "not entered" in repr(shared)
+    with shared:
+        assert SharedData.load(shared.name) == b"x"
 
 
 def test_spawned_workers_load_by_name_from_the_cache() -> None:

@@ -17,11 +17,13 @@ from typing_extensions import assert_type
 from shared_memory_array import (
     BlockInfo,
     CleanupResult,
+    ManagedSharedMemoryArray,
     SharedArray,
     SharedData,
     SharedDict,
     SharedDictLock,
     SharedMemoryArray,
+    Token,
     ZeroCopyDict,
     cleanup,
     list_blocks,
@@ -33,10 +35,11 @@ from shared_memory_array import (
 
 def check_arrays(name: str) -> None:
     sa = SharedArray.allocate(None, (2, 3), "float32")
-    assert_type(sa, SharedArray)
-    assert_type(SharedMemoryArray.copy(None, np.zeros(3)), SharedArray)
-    assert_type(SharedArray.attach(name), SharedArray)
-    assert_type(SharedArray.attach_unsafe(name), SharedArray)
+    assert_type(sa, SharedArray[Any])  # a dtype string: the scalar type is not known
+    assert_type(SharedMemoryArray.copy(None, np.zeros(3)), SharedArray[np.float64])
+    assert_type(SharedArray.attach(name), SharedArray[Any])
+    assert_type(SharedArray.attach(name, (3,), np.float32), SharedArray[np.float32])
+    assert_type(SharedArray.attach_unsafe(name), SharedArray[Any])
     assert_type(sa.as_array(), NDArray[Any])
     assert_type(sa.shape, tuple[int, ...])
     assert_type(sa.strides, tuple[int, ...])
@@ -45,21 +48,65 @@ def check_arrays(name: str) -> None:
     assert_type(sa.owner, bool)
     assert_type(sa.name, str)
     with sa.managed() as managed:
-        assert_type(managed, SharedArray)
+        assert_type(managed, SharedArray[Any])
     with sa as entered:
-        assert_type(entered, SharedArray)
+        assert_type(entered, SharedArray[Any])
+    sa.close()
 
 
-def check_codec(obj: object) -> None:
+def check_array_generics(x32: NDArray[np.float32], xi8: NDArray[np.int8]) -> None:
+    # copy / allocate_like keep the source's scalar type, with the manager or without it
+    s32 = SharedArray.copy(x32)
+    assert_type(s32, SharedArray[np.float32])
+    assert_type(SharedArray.copy(None, x32), SharedArray[np.float32])
+    assert_type(SharedArray.copy_unsafe(x32), SharedArray[np.float32])
+    assert_type(SharedArray.copy([1, 2, 3]), SharedArray[Any])  # any array-like
+    assert_type(SharedArray.copy(s32), SharedArray[np.float32])  # a SharedArray is one
+    assert_type(SharedArray.allocate_like(xi8), SharedArray[np.int8])
+    assert_type(SharedArray.allocate_like(None, xi8), SharedArray[np.int8])
+    assert_type(SharedArray.allocate_like_unsafe(xi8), SharedArray[np.int8])
+    # allocate: a scalar type or a dtype object types the result; a string does not
+    assert_type(SharedArray.allocate((10, 10), np.float32), SharedArray[np.float32])
+    assert_type(SharedArray.allocate(shape=(10, 10), dtype=np.int8), SharedArray[np.int8])
+    assert_type(SharedArray.allocate(None, 4, np.dtype(np.int8)), SharedArray[np.int8])
+    assert_type(SharedArray.allocate((10, 10)), SharedArray[np.float64])  # numpy's default
+    assert_type(SharedArray.allocate((10, 10), "f8"), SharedArray[Any])
+    assert_type(SharedArray.allocate_unsafe((10,), np.float32), SharedArray[np.float32])
+    # the view and the numpy protocol carry the scalar type
+    assert_type(s32.as_array(), NDArray[np.float32])
+    assert_type(np.asarray(s32), NDArray[np.float32])
+    assert_type(s32.dtype, np.dtype[np.float32])
+    assert_type(len(s32), int)
+    s32[0] = 1.0
+    wide: SharedArray[np.floating[Any]] = s32  # covariant, like ndarray
+    # a mismatch is caught (the ignore would be reported unused if it were not an error)
+    wrong: NDArray[np.float64] = s32.as_array()  # type: ignore[assignment]
+    wrong_handle: SharedArray[np.int8] = s32  # type: ignore[assignment]
+    # managed() forwards the handle's type
+    managed = s32.managed()
+    assert_type(managed, ManagedSharedMemoryArray[np.float32])
+    with managed as inner:
+        assert_type(inner, SharedArray[np.float32])
+        assert_type(inner.as_array(), NDArray[np.float32])
+    del wide, wrong, wrong_handle
+
+
+def check_codec(obj: object, weights: dict[str, NDArray[np.float32]]) -> None:
     token = write(obj, threshold=10)
-    assert_type(token, str)
+    assert_type(token, Token[object])
     assert_type(read(token, readonly=False), object)
     assert_type(release(token), None)
+    typed = write(weights)
+    assert_type(typed, Token[dict[str, NDArray[np.float32]]])
+    assert_type(read(typed), dict[str, NDArray[np.float32]])
+    assert_type(read(typed)["a"], NDArray[np.float32])
+    plain: str = typed  # a Token is a str
+    assert_type(read(plain), Any)  # a plain str: the type is not known
     with SharedData(obj) as sd:
         assert_type(sd, SharedData)
         assert_type(sd.name, str)
         assert_type(sd.size, int)
-    assert_type(SharedData.load("x"), object)
+    assert_type(SharedData.load("x"), Any)
 
 
 def check_dict() -> None:
