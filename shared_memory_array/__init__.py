@@ -10,6 +10,7 @@ header), ``_heap`` (an allocator inside a block), then what users touch:
 from ._array import ManagedSharedMemoryArray as ManagedSharedMemoryArray
 from ._array import SharedArray as SharedArray
 from ._array import SharedMemoryArray as SharedMemoryArray
+from ._codec import configure as configure
 from ._codec import read as read
 from ._codec import release as release
 from ._codec import write as write
@@ -49,6 +50,7 @@ __all__ = [
     "UntrustedBlockError",
     "ZeroCopyDict",
     "cleanup",
+    "configure",
     "list_blocks",
     "read",
     "release",

@@ -191,7 +191,7 @@ def test_out_of_descriptors_is_an_allocation_error_and_write_falls_back() -> Non
         for label, call in [
             ("allocate", lambda: SharedArray.allocate(None, 10, "f8")),
             ("dict", lambda: SharedDict.create("emfile_probe", max_items=4, heap_size=4096)),
-            ("shared_data", lambda: SharedData(np.ones(10))),
+            ("shared_data", lambda: SharedData(np.ones(10)).__enter__()),
         ]:
             try:
                 call()
