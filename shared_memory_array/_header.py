@@ -136,12 +136,14 @@ def align(n: int, alignment: int = ALIGNMENT) -> int:
     return -(-n // alignment) * alignment
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Header:
     """A decoded block header (see the module docstring for the layout).
 
     Attributes mirror the fields of the format. ``dtype`` is ``None`` for kinds
-    that store no array layout.
+    that store no array layout. Compared and hashed by identity: the parser
+    hands out one object per distinct header (a cache), which callers may key
+    their own caches by, cheaply.
     """
 
     kind: BlockKind
