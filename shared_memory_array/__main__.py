@@ -308,13 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    # The command only observes: its exit must not reap orphans as other processes' do.
-    atexit.unregister(_reaper.exit_hook.run)
-    # Names are anyone's bytes: never let one that the terminal cannot show stop the output.
-    for stream in (sys.stdout, sys.stderr):
-        reconfigure = getattr(stream, "reconfigure", None)
-        if reconfigure is not None:
-            reconfigure(errors="backslashreplace")
+    if argv is None:  # run as a program (not called by a program that has its own exit)
+        _as_a_program()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -329,6 +324,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return status
+
+
+def _as_a_program() -> None:
+    # The command only observes: its exit must not reap orphans as other processes' do.
+    atexit.unregister(_reaper.exit_hook.run)
+    # Names are anyone's bytes: never let one that the terminal cannot show stop the output.
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 def _stdout_closed() -> int:

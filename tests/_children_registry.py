@@ -292,6 +292,7 @@ def main(argv: list[str]) -> int:
         scope = set(argv[1].split(","))
         real_scan = _registry._block_names
         _registry._block_names = lambda: [name for name in real_scan() if name in scope]
+        cli._as_a_program()  # as `python -m shared_memory_array` does (main gets argv here)
         return cli.main(argv[2:])
     if argv == ["serve"]:
         return serve(sys.stdin, sys.stdout)
