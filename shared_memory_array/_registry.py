@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import _reaper
-from ._block import MAX_NAME_LENGTH, PREFIX, normalize_name
+from ._block import PREFIX, normalize_name
 from ._header import BlockKind, Header
 from ._process import is_alive
 from ._reaper import Judgement, Verdict
@@ -48,6 +48,7 @@ GRACE_PERIOD: Final = _reaper.UNREADABLE_GRACE
 """Seconds an unreadable block is left alone after its last change (it may be mid-creation)."""
 
 _CAN_SCAN: Final = sys.platform.startswith("linux")
+_NAME_MAX: Final = 255  # bytes of a file name in /dev/shm (tmpfs)
 UNKNOWN_KIND: Final = "unknown"
 
 
@@ -228,7 +229,7 @@ def _bare_name(name: str) -> str:
             encoded = os.fsencode(bare)  # undecodable bytes come back as they were
         except UnicodeEncodeError:
             raise invalid from None  # a lone surrogate that no file name decodes to
-        if not encoded or len(encoded) > MAX_NAME_LENGTH or b"/" in encoded or b"\0" in encoded:
+        if not encoded or len(encoded) > _NAME_MAX or b"/" in encoded or b"\0" in encoded:
             raise
         return bare
 

@@ -747,8 +747,8 @@ def test_undecodable_names_are_listed_and_judged(write_block: WriteBlock, shield
 
 
 def test_long_non_ascii_name_is_listed(write_block: WriteBlock, shielded: None) -> None:
-    """A block name of 125 two-byte characters (250 bytes) is listed, described and cleaned."""
-    name = write_block(_header(), name=PREFIX + "é" * 123)
+    """A 254-byte name (125 two-byte characters; NAME_MAX is 255) is listed, described, cleaned."""
+    name = write_block(_header(), name=PREFIX + "é" * 125)
     (info,) = sma.list_blocks()
     assert (info.name, info.state) == (name, "orphan")
     assert _registry.describe_block(name)[0].name == name
