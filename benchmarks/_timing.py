@@ -74,11 +74,13 @@ def _factor(value: float) -> str:
 class Table:
     """A Markdown pipe table printed at once: a title line, a header, aligned rows.
 
-    The first column is left-aligned (labels), the others right-aligned (figures).
+    The first ``text_columns`` columns are left-aligned (labels), the others
+    right-aligned (figures).
     """
 
-    def __init__(self, title: str, headers: Sequence[str]) -> None:
+    def __init__(self, title: str, headers: Sequence[str], *, text_columns: int = 1) -> None:
         self.title = title
+        self.text_columns = text_columns
         self.headers = list(headers)
         self.rows: list[list[str]] = []
         self.notes: list[str] = []
@@ -102,7 +104,7 @@ class Table:
 
         def line(cells: Sequence[str]) -> str:
             shown = [
-                cell.ljust(width) if column == 0 else cell.rjust(width)
+                cell.ljust(width) if column < self.text_columns else cell.rjust(width)
                 for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
             ]
             return "| " + " | ".join(shown) + " |"
@@ -110,7 +112,7 @@ class Table:
         rule = (
             "|"
             + "|".join(
-                ":" + "-" * (width + 1) if column == 0 else "-" * (width + 1) + ":"
+                ":" + "-" * (width + 1) if column < self.text_columns else "-" * (width + 1) + ":"
                 for column, width in enumerate(widths)
             )
             + "|"

@@ -87,6 +87,7 @@ def bench_round_trips(cases: list[tuple[str, int, object]], repeat: int) -> None
     table = Table(
         "round trip in one process: write + read + release against pickle.loads(pickle.dumps())",
         ["object", "size", "state", "pickle", "ours (codec)", "compared with pickle"],
+        text_columns=3,
     )
     for label, nbytes, obj in cases:
         number = 2000 if nbytes < MiB else 1
