@@ -8,8 +8,10 @@ Prints two tables:
    once through the attached view (the faults move there).
 2. Putting a 1 GiB array into memory another process can use: ``SharedArray.copy``
    against ``numpy.copy`` (private memory, the floor), the standard library's
-   ``SharedMemory`` + ``numpy`` copy, and ``pickle.dumps`` + ``pickle.loads``
-   (what a ``multiprocessing.Queue`` does to the array), all in the same run.
+   ``SharedMemory`` + ``numpy`` copy, ``pickle.dumps`` + ``pickle.loads``
+   (what a ``multiprocessing.Queue`` does to the array) and, when installed (the
+   ``bench`` extra), ``joblib.dump`` + ``joblib.load(mmap_mode="r")`` into
+   /dev/shm (what ``joblib.Parallel`` does with large arrays), all in the same run.
 
 Run: python benchmarks/bench_array.py [--quick]   (--quick: 1/16 of the sizes)
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import pickle
 import resource
 import statistics
@@ -27,12 +30,12 @@ from multiprocessing import shared_memory
 from typing import Any
 
 import numpy as np
-from _timing import fmt_time
+from _timing import MiB, Table, fmt_size, fmt_time, optional, ratio
 from numpy.typing import NDArray
 
 from shared_memory_array import SharedArray
 
-MiB = 1 << 20
+joblib = optional("joblib")  # pip install '.[bench]'
 
 
 def minor_faults() -> int:
@@ -55,14 +58,10 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[float, float]:
 
 
 def bench_attach(sizes: list[int]) -> None:
-    print("\n## attach(name) + as_array() + close(): O(1) whatever the size")
-    print("(loop: median per call over batches of 100; isolated: one call after gc.collect()")
-    print(" with cold caches; faults: minor page faults per isolated call)")
-    header = (
-        f"{'size':>10} | {'loop':>10} | {'isolated':>10} | {'faults':>6} | {'first full read':>15}"
+    table = Table(
+        "attach(name) + as_array() + close(): O(1) whatever the size",
+        ["block", "in a loop", "isolated", "minor faults", "first full read"],
     )
-    print(header)
-    print("-" * len(header))
     for size in sizes:
         with SharedArray.allocate(None, size // 8, "float64") as owner:
             owner.as_array()[:] = 1.0
@@ -87,11 +86,14 @@ def bench_attach(sizes: list[int]) -> None:
                 return total
 
             read_s, _ = timed(attach_and_read, repeat=3)
-        label = f"{size // MiB} MiB"
-        print(
-            f"{label:>10} | {fmt_time(loop_s):>10} | {fmt_time(isolated_s):>10} | "
-            f"{faults:6.0f} | {fmt_time(read_s):>15}"
-        )
+        table.add(fmt_size(size), fmt_time(loop_s), fmt_time(isolated_s), f"{faults:.0f}",
+                  fmt_time(read_s))  # fmt: skip
+    table.note(
+        "in a loop: median per call over batches of 100; isolated: one call after "
+        "gc.collect(), cold caches; minor faults: per isolated call; first full read: "
+        "attach and sum the whole array once (the page faults move there)."
+    )
+    table.print()
 
 
 def stdlib_copy(array: NDArray[Any]) -> Any:
@@ -109,24 +111,43 @@ def shared_copy(array: NDArray[Any]) -> Any:
     return None
 
 
+def joblib_copy(array: NDArray[Any]) -> Any:
+    assert joblib is not None
+    path = f"/dev/shm/bench_joblib_{os.getpid()}.pkl"
+    try:
+        joblib.dump(array, path)
+        mapped = joblib.load(path, mmap_mode="r")
+        del mapped
+    finally:
+        os.unlink(path)
+    return None
+
+
 def bench_copy(size: int) -> None:
     source = np.ones(size // 4, dtype=np.float32)
-    rows: list[tuple[str, float, float]] = []
-    for label, fn, repeat in [
-        ("numpy.copy (private memory)", lambda: np.copy(source), 5),
-        ("SharedArray.copy", lambda: shared_copy(source), 5),
-        ("stdlib SharedMemory + copy", lambda: stdlib_copy(source), 5),
-        ("pickle.dumps + loads", lambda: pickle.loads(pickle.dumps(source, protocol=5)), 3),
-    ]:
-        seconds, faults = timed(fn, repeat)
-        rows.append((label, seconds, faults))
-    ours = rows[1][1]
-    print(f"\n## putting a {size // MiB} MiB float32 array in memory (median)")
-    print(f"{'method':>28} | {'time':>11} | {'faults':>8} | {'SharedArray.copy is':>20}")
-    print(f"{'-' * 28}-|-{'-' * 11}-|-{'-' * 8}-|-{'-' * 20}")
+    ours_label = "SharedArray.copy (ours)"
+    methods: list[tuple[str, Callable[[], Any], int]] = [
+        (ours_label, lambda: shared_copy(source), 5),
+        ("numpy.copy into private memory (not shareable)", lambda: np.copy(source), 5),
+        ("stdlib SharedMemory + numpy copy", lambda: stdlib_copy(source), 5),
+        ("pickle.dumps + pickle.loads (what a Queue does)",
+         lambda: pickle.loads(pickle.dumps(source, protocol=5)), 3),
+    ]  # fmt: skip
+    if joblib is not None:
+        methods.append(("joblib.dump + load(mmap_mode='r') in /dev/shm",
+                        lambda: joblib_copy(source), 5))  # fmt: skip
+    rows = [(label, *timed(fn, repeat)) for label, fn, repeat in methods]
+    ours = rows[0][1]
+    table = Table(
+        f"putting a {fmt_size(size)} float32 array where other processes can use it (median)",
+        ["method", "time", "minor faults", "compared with this row"],
+    )
     for label, seconds, faults in rows:
-        ratio = f"{seconds / ours:.2f}x as fast" if label != "SharedArray.copy" else "-"
-        print(f"{label:>28} | {fmt_time(seconds):>11} | {faults:8.0f} | {ratio:>20}")
+        compared = "-" if label == ours_label else ratio(ours, seconds)
+        table.add(label, fmt_time(seconds), f"{faults:,.0f}", compared)
+    if joblib is None:
+        table.note("joblib: not installed, row left out (pip install '.[bench]')")
+    table.print()
 
 
 def main() -> None:
@@ -134,7 +155,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1/16 of the sizes")
     quick = parser.parse_args().quick
     scale = 16 if quick else 1
-    print(f"SharedArray benchmark{' (quick)' if quick else ''}, numpy {np.__version__}")
+    print(f"# SharedArray benchmark{' (quick)' if quick else ''}, numpy {np.__version__}")
     bench_attach([MiB, 100 * MiB // scale, 1024 * MiB // scale])
     bench_copy(1024 * MiB // scale)
 

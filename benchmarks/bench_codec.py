@@ -2,12 +2,12 @@
 
 Prints two tables, the competitor measured in the same run:
 
-1. Single-process round trip for bytes 10 KB and 10 MB, float32 100 MB and
-   1 GB, each in steady state (repeated: the codec reuses its released block,
+1. Single-process round trip for bytes 10 KiB and 10 MiB, float32 100 MiB and
+   1 GiB, each in steady state (repeated: the codec reuses its released block,
    already faulted in) and cold (first transfer: the codec creates a new block;
    pickle first gives its freed memory back to the system with
    ``malloc_trim``, so it faults fresh pages as a first transfer does).
-2. 100 MB sent to an already-running worker process: the token through a
+2. 100 MiB sent to an already-running worker process: the token through a
    ``multiprocessing.Queue`` (the worker reads, looks at one element, releases)
    against the array itself through the same queue; each timed to the worker's
    reply.
@@ -16,7 +16,7 @@ Prints two tables, the competitor measured in the same run:
 reader's first touch of each page costs a minor fault (not part of these rows).
 
 Run: python benchmarks/bench_codec.py [--quick] [--skip-1gb]
-(--quick: arrays / 16, few repeats; --skip-1gb: leave out the 1 GB rows)
+(--quick: arrays / 16, few repeats; --skip-1gb: leave out the 1 GiB rows)
 """
 
 from __future__ import annotations
@@ -36,11 +36,10 @@ from multiprocessing.queues import Queue
 from typing import Any
 
 import numpy as np
-from _timing import fmt_time
+from _timing import KiB, MiB, Table, fmt_size, fmt_time, ratio
 
 from shared_memory_array import _codec, read, release, write
 
-KB, MB = 1000, 1000 * 1000
 _libc_name = ctypes.util.find_library("c")
 _libc = ctypes.CDLL(_libc_name) if _libc_name else None
 
@@ -73,10 +72,6 @@ def median_time(
     return statistics.median(times)
 
 
-def fmt_size(nbytes: int) -> str:
-    return f"{nbytes / MB:g} MB" if nbytes >= MB else f"{nbytes / KB:g} KB"
-
-
 def pickle_round_trip(obj: object) -> object:
     return pickle.loads(pickle.dumps(obj, protocol=5))
 
@@ -88,19 +83,14 @@ def codec_round_trip(obj: object) -> object:
     return result
 
 
-def row(label: str, size: str, state: str, baseline: float, ours: float) -> None:
-    print(
-        f"| {label:<13} | {size:>7} | {state:<6} | {fmt_time(baseline)} | {fmt_time(ours)} "
-        f"| {baseline / ours:6.2f}× |"
+def bench_round_trips(cases: list[tuple[str, int, object]], repeat: int) -> None:
+    table = Table(
+        "round trip in one process: write + read + release against pickle.loads(pickle.dumps())",
+        ["object", "size", "state", "pickle", "ours (codec)", "compared with pickle"],
+        text_columns=3,
     )
-
-
-def bench_round_trips(cases: list[tuple[str, str, object]], repeat: int) -> None:
-    print("\n## Round trip in one process: write + read + release vs pickle.loads(pickle.dumps())")
-    print("| object        |    size | state  |     pickle |      codec | speedup |")
-    print("|---------------|---------|--------|------------|------------|---------|")
-    for label, size, obj in cases:
-        number = 2000 if size.endswith("KB") else 1
+    for label, nbytes, obj in cases:
+        number = 2000 if nbytes < MiB else 1
         ours_fn = functools.partial(codec_round_trip, obj)
         pickle_fn = functools.partial(pickle_round_trip, obj)
         # Steady state: warm up once, then repeat (the codec reuses its released block).
@@ -108,12 +98,18 @@ def bench_round_trips(cases: list[tuple[str, str, object]], repeat: int) -> None
         ours = median_time(ours_fn, repeat, collect, number)
         pickle_fn()
         baseline = median_time(pickle_fn, repeat, collect, number)
-        row(label, size, "steady", baseline, ours)
+        size = fmt_size(nbytes)
+        table.add(label, size, "steady", fmt_time(baseline), fmt_time(ours), ratio(ours, baseline))
         # Cold: no block to reuse (the codec's pool emptied); pickle's heap trimmed.
         ours = median_time(ours_fn, max(3, repeat // 2), _codec._writer.drop_all)
         baseline = median_time(pickle_fn, max(3, repeat // 2), trim_heap)
-        row(label, size, "cold", baseline, ours)
+        table.add(label, size, "cold", fmt_time(baseline), fmt_time(ours), ratio(ours, baseline))
         _codec._writer.drop_all()
+    table.note(
+        "steady: the transfer repeated (the codec reuses its released block); cold: a first "
+        "transfer (new block; pickle's freed heap given back to the system first)."
+    )
+    table.print()
 
 
 def worker(inbox: Queue[Any], outbox: Queue[float]) -> None:
@@ -131,7 +127,6 @@ def worker(inbox: Queue[Any], outbox: Queue[float]) -> None:
 
 
 def bench_worker(nbytes: int, repeat: int) -> None:
-    print(f"\n## {fmt_size(nbytes)} float32 to an already-running worker (to its reply)")
     context = mp.get_context("spawn")
     inbox: Queue[Any] = context.Queue()
     outbox: Queue[float] = context.Queue()
@@ -151,32 +146,35 @@ def bench_worker(nbytes: int, repeat: int) -> None:
     finally:
         inbox.put(None)
         process.join(60)
-    print("| transfer                       |       time | speedup |")
-    print("|--------------------------------|------------|---------|")
-    print(f"| the array through the Queue    | {fmt_time(baseline)} |   1.00× |")
-    print(f"| a token through the same Queue | {fmt_time(ours)} | {baseline / ours:6.2f}× |")
+    table = Table(
+        f"{fmt_size(nbytes)} float32 to an already-running worker (timed to its reply)",
+        ["transfer", "time", "compared with the array through the Queue"],
+    )
+    table.add("the array through a multiprocessing.Queue", fmt_time(baseline), "-")
+    table.add("a token through the same Queue (ours)", fmt_time(ours), ratio(ours, baseline))
+    table.print()
     _codec._writer.drop_all()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="arrays / 16, few repeats")
-    parser.add_argument("--skip-1gb", action="store_true", help="leave out the 1 GB rows")
+    parser.add_argument("--skip-1gb", action="store_true", help="leave out the 1 GiB rows")
     args = parser.parse_args()
     scale = 16 if args.quick else 1
     repeat = 3 if args.quick else 7
-    print(f"Python {platform.python_version()}, numpy {np.__version__}, {platform.machine()}")
-    print(f"{platform.platform()}, {mp.cpu_count()} CPUs")
+    print(f"# Codec benchmark{' (quick)' if args.quick else ''}: Python "
+          f"{platform.python_version()}, numpy {np.__version__}, {platform.machine()}, "
+          f"{platform.platform()}, {mp.cpu_count()} CPUs")  # fmt: skip
     random_bytes = np.random.default_rng(0).bytes
-    cases: list[tuple[str, str, object]] = [
-        ("bytes", "10 KB", random_bytes(10 * KB)),
-        ("bytes", "10 MB", random_bytes(10 * MB)),
+    cases: list[tuple[str, int, object]] = [
+        ("bytes", 10 * KiB, random_bytes(10 * KiB)),
+        ("bytes", 10 * MiB, random_bytes(10 * MiB)),
     ]
-    for nbytes in (100 * MB, 1000 * MB)[: 1 if args.skip_1gb else 2]:
-        size = fmt_size(nbytes // scale)
-        cases.append(("numpy float32", size, np.ones(nbytes // scale // 4, np.float32)))
+    for nbytes in (100 * MiB, 1024 * MiB)[: 1 if args.skip_1gb else 2]:
+        cases.append(("numpy float32", nbytes // scale, np.ones(nbytes // scale // 4, np.float32)))
     bench_round_trips(cases, repeat)
-    bench_worker(100 * MB // scale, repeat)
+    bench_worker(100 * MiB // scale, repeat)
 
 
 if __name__ == "__main__":

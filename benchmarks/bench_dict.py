@@ -1,6 +1,7 @@
-"""SharedDict benchmark against ``multiprocessing.Manager().dict()`` and a plain dict.
+"""SharedDict benchmark against ``multiprocessing.Manager().dict()``, UltraDict and a plain dict.
 
-Prints one table, every competitor measured in the same run:
+Prints one table, every competitor measured in the same run (UltraDict only when
+installed: the ``bench`` extra):
 
 * single process, N small values (int values, ``"key_<i>"`` keys): writes of
   new keys, reads, updates of existing keys. Reads are shown twice: "reads
@@ -11,7 +12,10 @@ Prints one table, every competitor measured in the same run:
 * two processes hammering one dict at once, each doing N operations (half
   writes of its own keys, half reads of the other's), total ops/s by wall time.
 
-The plain dict is the ceiling (no sharing at all). Best of ``--repeat`` runs.
+The plain dict is the ceiling (no sharing at all). UltraDict streams every
+change to the other handles, which replay it into a local dict: its reads are
+local reads, and it is left out of the two-process row (without its optional
+shared lock, concurrent writers are not safe). Best of ``--repeat`` runs.
 
 Run: python benchmarks/bench_dict.py [--quick] [--items N] [--repeat R]
 """
@@ -27,7 +31,11 @@ import time
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
+from _timing import Table, fmt_rate, optional, ratio
+
 from shared_memory_array import SharedDict
+
+ultradict = optional("UltraDict")  # pip install '.[bench]'
 
 NAME = f"bench_dict_{os.getpid()}"
 
@@ -124,6 +132,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     items, repeat = (2_000, 1) if args.quick else (args.items, args.repeat)
+    print(f"# SharedDict benchmark{' (quick)' if args.quick else ''}")
     heap = max(1 << 20, items * 256)
 
     def make_shared() -> SharedDict:
@@ -137,30 +146,64 @@ def main() -> None:
         managed_pair = two_processes(proxy, proxy, items)
     with SharedDict.create(NAME, max_items=2000, heap_size=heap) as d:
         shared_pair = two_processes(d, NAME, items)
+    ultra = bench_ultradict(items, repeat) if ultradict is not None else None
 
-    print(
-        f"SharedDict, {items:,} small values; {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    def base(label: str) -> str:  # the competitors have no cache: one kind of read
+        return "reads (cached)" if label.startswith("reads") else label
+
+    headers = ["operation", "SharedDict (ours)", "Manager().dict()", "compared with Manager"]
+    if ultra is not None:
+        headers += ["UltraDict", "compared with UltraDict"]
+    headers += ["dict (ceiling)", "compared with dict"]
+    table = Table(
+        f"SharedDict, {items:,} small values, operations per second; {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}",
+        headers,
     )
-    header = (
-        f"{'operation':<18} {'SharedDict':>12} {'Manager.dict':>13} {'ratio':>7} "
-        f"{'dict':>12} {'of dict':>8}"
-    )
-    print(header)
-    print("-" * len(header))
     for label in ("writes", "reads (cached)", "reads (uncached)", "updates"):
-        ours = shared[label]
-        theirs = managed["reads (cached)" if label.startswith("reads") else label]
-        ceiling = plain["reads (cached)" if label.startswith("reads") else label]
-        print(
-            f"{label:<18} {ours:>12,.0f} {theirs:>13,.0f} {ours / theirs:>6.1f}x "
-            f"{ceiling:>12,.0f} {ours / ceiling:>7.1%}"
-        )
-    print(
-        f"{'2 processes':<18} {shared_pair:>12,.0f} {managed_pair:>13,.0f} "
-        f"{shared_pair / managed_pair:>6.1f}x {'':>12} {'':>8}"
+        ours, theirs = shared[label], managed[base(label)]
+        cells = [
+            label,
+            fmt_rate(ours),
+            fmt_rate(theirs),
+            ratio(ours, theirs, higher_is_better=True),
+        ]
+        if ultra is not None:
+            other = ultra[base(label)]
+            cells += [fmt_rate(other), ratio(ours, other, higher_is_better=True)]
+        ceiling = plain[base(label)]
+        cells += [fmt_rate(ceiling), ratio(ours, ceiling, higher_is_better=True)]
+        table.add(*cells)
+    pair = ["2 processes (total)", fmt_rate(shared_pair), fmt_rate(managed_pair),
+            ratio(shared_pair, managed_pair, higher_is_better=True)]  # fmt: skip
+    pair += ["-", "-"] * (2 if ultra is not None else 1)
+    table.add(*pair)
+    table.note(
+        "reads (cached): in the process that wrote (the per-handle cache answers); "
+        "reads (uncached): a freshly attached handle reading every key once. Manager().dict(), "
+        "UltraDict and dict have one kind of read, shown against both."
     )
-    print("(ops/s; Manager.dict and dict have no cache: their reads are the same operation)")
+    if ultra is None:
+        table.note("UltraDict: not installed, columns left out (pip install '.[bench]')")
+    table.print()
+
+
+def bench_ultradict(items: int, repeat: int) -> dict[str, float]:
+    """Best ops/s of UltraDict, sized for ``items`` (its defaults would dump in full often)."""
+    made: list[Any] = []
+
+    def make() -> Any:
+        made.append(
+            ultradict.UltraDict(create=True, buffer_size=items * 128, full_dump_size=items * 256)
+        )
+        return made[-1]
+
+    try:
+        return single_process(make, None, items, repeat)
+    finally:
+        for mapping in made:
+            mapping.unlink()
 
 
 if __name__ == "__main__":

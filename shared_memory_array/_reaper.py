@@ -133,12 +133,14 @@ def _my_uid() -> int:
     return os.geteuid() if hasattr(os, "geteuid") else -1
 
 
-def _inodes_in_use() -> set[int]:
+def _inodes_in_use(judging_fd: int = -1) -> set[int]:
     """Inodes of /dev/shm files that any process we may inspect has mapped or open.
 
     Only for blocks without HOLD locks (unreadable headers): read from
-    ``/proc/PID/maps`` and ``/proc/PID/fd``.
+    ``/proc/PID/maps`` and ``/proc/PID/fd``. ``judging_fd``, the descriptor this
+    process opened to judge the block, is not counted.
     """
+    own_pid = str(os.getpid())
     inodes: set[int] = set()
     shm_prefix = SHM_DIR + "/"
     try:
@@ -157,6 +159,8 @@ def _inodes_in_use() -> set[int]:
                 inodes.add(int(fields[4]))
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
+                if pid == own_pid and fd == str(judging_fd):
+                    continue
                 with contextlib.suppress(OSError):
                     if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(shm_prefix):
                         inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
@@ -201,7 +205,7 @@ def _judge_open(
         return Judgement(name, Verdict.KEEP, f"cannot map: {exc.strerror}", "unreadable", in_use)
     if header is None:
         raw_creator = extra if isinstance(extra, tuple) else None
-        return _judge_unreadable(name, info, error or "", in_use, raw_creator, now)
+        return _judge_unreadable(name, info, error or "", in_use, raw_creator, now, fd)
     assert extra is None or isinstance(extra, tuple)
     in_flight, last_ns, state_word = extra if extra is not None else (0, 0, 0)
 
@@ -212,13 +216,13 @@ def _judge_open(
 
     alive = is_alive(header.creator_pid, header.creator_start)
     creator = f"creator pid {header.creator_pid} {'is running' if alive else 'has exited'}"
-    if header.version < 2:  # no HOLD locks: the creator's pid is all there is
+    state = "pooled" if state_word == _lifetime.STATE_POOLED else "live"
+    if in_use:  # before the v1 rule: this version's mappings of a v1 block hold HOLD too
+        return judged(Verdict.KEEP, f"in use: a process maps it ({creator})", state)
+    if header.version < 2:  # no HOLD locks from older versions: the creator's pid decides
         if alive:
             return judged(Verdict.KEEP, creator, "live")
         return judged(Verdict.REAP, f"{creator} (format v1)", "orphan")
-    state = "pooled" if state_word == _lifetime.STATE_POOLED else "live"
-    if in_use:
-        return judged(Verdict.KEEP, f"in use: a process maps it ({creator})", state)
     if in_use is None:
         return judged(Verdict.KEEP, "cannot ask the kernel who holds it", state)
     age = now - last_ns / 1e9
@@ -235,6 +239,7 @@ def _judge_unreadable(
     in_use: bool | None,
     raw_creator: tuple[int, int] | None,
     now: float,
+    judging_fd: int,
 ) -> Judgement:
     def keep(reason: str) -> Judgement:
         return Judgement(
@@ -253,7 +258,7 @@ def _judge_unreadable(
     age = now - max(info.st_mtime, info.st_ctime)
     if age < UNREADABLE_GRACE:
         return keep(f"header unreadable, changed {age:.0f} s ago (may be being created)")
-    if in_use or info.st_ino in _inodes_in_use():
+    if in_use or info.st_ino in _inodes_in_use(judging_fd):
         return keep(f"header unreadable, but a process has it open or mapped: {error}")
     return Judgement(
         name,

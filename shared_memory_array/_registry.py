@@ -12,6 +12,14 @@ Reading a block here maps it read-only (O(1) whatever its size), parses the
 header and unmaps it. It never unpickles anything and never trusts a header
 field before the parser has checked it, so hostile blocks are safe to list.
 
+Odd entries (API.md section 5, v2): anything in /dev/shm named like a block is
+listed and judged without ever crashing on it. Symlinks, FIFOs, directories,
+sockets and devices are listed as ``kind="unknown"`` with what they are in
+``error``, never opened or followed, and never removed. Names that are not
+valid UTF-8 arrive as the standard library decodes file names (undecodable
+bytes as lone surrogates, :func:`os.fsdecode`): they are judged like any other
+block, and :func:`describe_block` takes them back in that form.
+
 Platforms: on Linux the blocks are the files of ``/dev/shm``. macOS and
 Windows offer no way to enumerate named shared memory, so there
 :func:`list_blocks` returns an empty list and :func:`cleanup` an empty result.
@@ -19,6 +27,8 @@ Windows offer no way to enumerate named shared memory, so there
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,6 +48,7 @@ GRACE_PERIOD: Final = _reaper.UNREADABLE_GRACE
 """Seconds an unreadable block is left alone after its last change (it may be mid-creation)."""
 
 _CAN_SCAN: Final = sys.platform.startswith("linux")
+_NAME_MAX: Final = 255  # bytes of a file name in /dev/shm (tmpfs)
 UNKNOWN_KIND: Final = "unknown"
 
 
@@ -128,6 +139,25 @@ def _block_names() -> list[str]:
     return _reaper.block_names() if _CAN_SCAN else []
 
 
+_ENTRY_TYPES: Final = {
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _reason(judgement: Judgement) -> str:
+    """The judgement's reason, naming what an entry is when it is not a regular file."""
+    info = judgement.stat
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        what = _ENTRY_TYPES.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        return f"{what}, not a block: never opened nor removed"
+    return judgement.reason
+
+
 def _info(judgement: Judgement) -> BlockInfo:
     """The public record of one judged block."""
     header, info = judgement.header, judgement.stat
@@ -144,7 +174,7 @@ def _info(judgement: Judgement) -> BlockInfo:
             kind=UNKNOWN_KIND,
             creator_pid=None,
             creator_alive=None,
-            error=judgement.error or judgement.reason,
+            error=judgement.error or _reason(judgement),
             **common,  # type: ignore[arg-type]
         )
     is_array = header.kind == BlockKind.ARRAY and header.dtype is not None
@@ -162,22 +192,46 @@ def _info(judgement: Judgement) -> BlockInfo:
 def describe_block(name: str) -> tuple[BlockInfo, Header | None]:
     """Return the :class:`BlockInfo` of block ``name`` and its header (``None`` if unreadable).
 
-    ``name`` may omit the ``sma_`` prefix, as the names given to ``SharedDict.create`` do.
+    ``name`` may omit the ``sma_`` prefix, as the names given to ``SharedDict.create`` do,
+    and may hold undecodable bytes as :func:`os.fsdecode` gives them (as
+    :func:`list_blocks` shows such a name).
 
     Raises
     ------
     TypeError
         ``name`` is not a string.
     BlockNotFoundError
-        No block of that name exists.
+        No block of that name exists, or ``name`` cannot name one (too long,
+        with ``/`` or NUL inside, a lone surrogate that no file name decodes to).
     """
-    bare = normalize_name(name)
+    info, header, _ = _describe(name)
+    return info, header
+
+
+def _describe(name: str) -> tuple[BlockInfo, Header | None, Judgement]:
+    """:func:`describe_block`, with the reaper's judgement (for ``inspect``)."""
+    bare = _bare_name(name)
     candidates = [bare] if bare.startswith(PREFIX) else [bare, PREFIX + bare]
     for candidate in candidates:
         judgement = _reaper.judge(candidate)
         if judgement.verdict is not Verdict.GONE:
-            return _info(judgement), judgement.header
+            return _info(judgement), judgement.header, judgement
     raise BlockNotFoundError(bare)
+
+
+def _bare_name(name: str) -> str:
+    """``name`` checked as :func:`normalize_name` does, also accepting undecodable file names."""
+    try:
+        return normalize_name(name)
+    except BlockNotFoundError as invalid:
+        bare = name[1:] if name.startswith("/") else name
+        try:
+            encoded = os.fsencode(bare)  # undecodable bytes come back as they were
+        except UnicodeEncodeError:
+            raise invalid from None  # a lone surrogate that no file name decodes to
+        if not encoded or len(encoded) > _NAME_MAX or b"/" in encoded or b"\0" in encoded:
+            raise
+        return bare
 
 
 def list_blocks() -> list[BlockInfo]:
@@ -245,5 +299,5 @@ def cleanup(dry_run: bool = False) -> CleanupResult:
             result.cleaned.append(name)
         else:
             result.skipped.append(name)
-        result.reasons[name] = judgement.reason
+        result.reasons[name] = _reason(judgement)
     return result

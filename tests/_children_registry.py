@@ -7,6 +7,10 @@ Importable under ``spawn`` (the crash child) and runnable as a script:
   each entry point takes) and exits, so its blocks go with it;
 * ``python _children_registry.py cli-scoped NAME,NAME... ARGS`` runs the CLI
   with its scan limited to those blocks;
+* ``python _children_registry.py serve`` obeys one command per line on stdin
+  and answers each with one JSON line on stdout (see :func:`serve`): the
+  parent makes it create, attach or pickle blocks, then SIGKILLs it or lets it
+  exit, to set up each case of the lifetime rule in a process of its own;
 * ``python _children_registry.py run`` reads hostile cases (JSON) on stdin,
   tries every entry point that reads a block on each, and prints one JSON
   result per case and entry point. A crash shows as a negative exit status in
@@ -21,13 +25,14 @@ import faulthandler
 import io
 import json
 import os
+import pickle
 import resource
 import secrets
 import sys
 import time
 from collections.abc import Callable
 from multiprocessing.queues import Queue
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -60,6 +65,56 @@ def create_blocks_then_wait(queue: Queue[dict[str, Any]], dict_name: str) -> Non
     shared["answer"] = 42
     queue.put({"pid": os.getpid(), "arrays": [a.name for a in arrays], "tokens": tokens})
     time.sleep(600)  # the parent SIGKILLs us long before this
+
+
+# -- a process that holds blocks on request ----------------------------------------------
+
+
+def serve(commands: TextIO, replies: TextIO) -> int:
+    """Obey commands, one per line, answering each with one JSON line.
+
+    ``create array`` / ``create codec`` / ``create dict NAME``: make a block
+    (kept mapped), reply ``{"name": ...}``; ``attach NAME``: map an existing
+    block and keep it; ``pickle``: pickle the last array made (a handle in
+    flight), reply ``{"pickle": hex}``; ``drop``: close every handle made;
+    ``exit``: a normal exit (status 0). Every reply carries this ``pid``.
+    """
+    kept: list[Any] = []
+    arrays: list[sma.SharedArray] = []
+    for line in iter(commands.readline, ""):
+        words = line.split()
+        reply: dict[str, Any] = {"pid": os.getpid()}
+        if words == ["create", "array"]:
+            array = sma.SharedArray.copy(None, np.arange(10.0))
+            arrays.append(array)
+            reply["name"] = array.name
+        elif words == ["create", "codec"]:
+            token = sma.write(np.ones(5000), threshold=0)
+            kept.append(token)
+            reply["name"] = token.split(":")[2]
+        elif words[:2] == ["create", "dict"] and len(words) == 3:
+            shared = sma.SharedDict.create(words[2], max_items=8, heap_size=4096)
+            kept.append(shared)
+            reply["name"] = words[2]
+        elif words[:1] == ["attach"] and len(words) == 2:
+            kept.append(SharedBlock.attach(words[1]))
+            reply["name"] = words[1]
+        elif words == ["pickle"]:
+            reply["pickle"] = pickle.dumps(arrays[-1]).hex()
+        elif words == ["drop"]:
+            for handle in [*arrays, *kept]:
+                close = getattr(handle, "close", None)
+                if close is not None:
+                    close()
+            arrays.clear()
+            kept.clear()
+        elif words == ["exit"]:
+            return 0
+        else:
+            reply["error"] = f"unknown command {line!r}"
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+    return 0
 
 
 # -- genuine templates -----------------------------------------------------------------
@@ -237,13 +292,16 @@ def main(argv: list[str]) -> int:
         scope = set(argv[1].split(","))
         real_scan = _registry._block_names
         _registry._block_names = lambda: [name for name in real_scan() if name in scope]
+        cli._as_a_program()  # as `python -m shared_memory_array` does (main gets argv here)
         return cli.main(argv[2:])
+    if argv == ["serve"]:
+        return serve(sys.stdin, sys.stdout)
     if argv == ["run"]:
         cases = json.load(sys.stdin)
         _cap_address_space()
         json.dump(run_cases(cases), sys.stdout)
         return 0
-    sys.stderr.write("usage: _children_registry.py templates|run|cli-scoped NAMES ARGS...\n")
+    sys.stderr.write("usage: _children_registry.py templates|run|serve|cli-scoped NAMES ARGS...\n")
     return 2
 
 

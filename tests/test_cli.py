@@ -7,9 +7,13 @@ on a shared machine are left alone; everything else runs the real module.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -19,9 +23,15 @@ import pytest
 
 import shared_memory_array as sma
 from shared_memory_array import __main__ as cli
-from shared_memory_array import _codec, _registry
-from shared_memory_array._block import PREFIX, SharedBlock
-from shared_memory_array._header import BlockKind, HeaderFlags, encode_header
+from shared_memory_array import _codec, _reaper, _registry
+from shared_memory_array._block import PREFIX, SharedBlock, new_name
+from shared_memory_array._header import (
+    MAGIC,
+    BlockKind,
+    HeaderFlags,
+    encode_header,
+    encoded_identity,
+)
 from shared_memory_array._process import current_identity
 
 TIMEOUT = 60
@@ -30,13 +40,27 @@ HELPER = Path(__file__).with_name("_children_registry.py")
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
 
-def run_cli(*args: str, helper_scope: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str | bytes,
+    helper_scope: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a fresh interpreter (scoped to ``helper_scope`` blocks if given)."""
     if helper_scope is None:
-        command = [sys.executable, "-m", "shared_memory_array", *args]
+        command: list[str | bytes] = [sys.executable, "-m", "shared_memory_array", *args]
     else:
         command = [sys.executable, str(HELPER), "cli-scoped", ",".join(helper_scope), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+NO_GRACE = {_reaper.GRACE_ENV: "0"}  # the CLI sees a shielded orphan as a plain orphan
 
 
 def assert_one_line_error(ran: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -50,7 +74,7 @@ def assert_one_line_error(ran: subprocess.CompletedProcess[str], *fragments: str
 
 @pytest.fixture
 def blocks() -> Iterator[list[SharedBlock]]:
-    """Blocks a test creates; closed and unlinked afterwards."""
+    """Blocks a test creates (this process maps them); closed and unlinked afterwards."""
     made: list[SharedBlock] = []
     yield made
     for block in made:
@@ -58,11 +82,39 @@ def blocks() -> Iterator[list[SharedBlock]]:
         block.unlink()
 
 
+@pytest.fixture
+def entries() -> Iterator[list[bytes]]:
+    """Paths a test puts in /dev/shm by hand (files nobody maps, links, FIFOs); removed after."""
+    made: list[bytes] = []
+    yield made
+    for path in made:
+        if os.path.lexists(path):
+            os.unlink(path)
+
+
 def make_block(made: list[SharedBlock], content: bytes, size: int = 8192) -> SharedBlock:
     block = SharedBlock.create(max(size, len(content)))
     block.buf[: len(content)] = content
     made.append(block)
     return block
+
+
+def write_orphan(made: list[bytes], content: bytes, name: bytes | None = None) -> str:
+    """A block file nobody maps, shielded from other processes' reapers (see test_registry)."""
+    raw_name = name if name is not None else new_name().encode()
+    data = bytearray(8192)
+    data[: len(content)] = content
+    if content.startswith(MAGIC):
+        _, lifetime = encoded_identity(content)
+        struct.pack_into("<qqq", data, lifetime, 1, time.time_ns(), 0)
+    path = b"/dev/shm/" + raw_name
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    made.append(path)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return os.fsdecode(raw_name)
 
 
 def array_header(creator: tuple[int, int] | None = None) -> bytes:
@@ -85,6 +137,10 @@ def dead_creator() -> tuple[int, int]:
 def line_of(output: str, name: str) -> list[str]:
     (line,) = [line for line in output.splitlines() if line.startswith(name)]
     return line.split()
+
+
+def exists(name: str) -> bool:
+    return os.path.lexists(os.path.join(b"/dev/shm", os.fsencode(name)))
 
 
 # -- help and usage --------------------------------------------------------------------
@@ -121,21 +177,68 @@ def test_console_script_points_at_main() -> None:
 # -- list ------------------------------------------------------------------------------
 
 
-def test_list_prints_one_greppable_line_per_block(blocks: list[SharedBlock]) -> None:
-    """``list`` prints a header, then name, kind, human size, creator pid and liveness per line."""
-    good = make_block(blocks, array_header())
-    dead = make_block(blocks, array_header(creator=dead_creator()), size=3 * 2**20)
+def test_list_prints_one_greppable_line_per_block(
+    blocks: list[SharedBlock], entries: list[bytes]
+) -> None:
+    """``list``: a header, then name, kind, one-word size, state, in use, creator, alive, note."""
+    held = make_block(blocks, array_header(creator=dead_creator()), size=3 * 2**20)
+    orphan = write_orphan(entries, array_header())
     bad = make_block(blocks, b"garbage", size=100)
-    ran = run_cli("list")
+    ran = run_cli("list", env=NO_GRACE)
     assert ran.returncode == 0, ran.stderr
     pid = str(os.getpid())
     header = ran.stdout.splitlines()[0]
-    assert header.split() == ["NAME", "KIND", "SIZE", "CREATOR", "ALIVE", "NOTE"]
-    assert line_of(ran.stdout, good.name) == [good.name, "array", "8.0", "KiB", pid, "yes"]
-    assert line_of(ran.stdout, dead.name)[1:6] == ["array", "3.0", "MiB", pid, "no"]
+    assert header.split() == [
+        "NAME", "KIND", "SIZE", "STATE", "IN_USE", "CREATOR", "ALIVE", "NOTE"
+    ]  # fmt: skip
+    assert line_of(ran.stdout, held.name) == [
+        held.name,
+        "array",
+        "3.0MiB",
+        "live",
+        "yes",
+        pid,
+        "no",
+    ]
+    assert line_of(ran.stdout, orphan) == [orphan, "array", "8.0KiB", "orphan", "no", pid, "yes"]
     bad_line = line_of(ran.stdout, bad.name)
-    assert bad_line[1:6] == ["unknown", "100", "B", "-", "?"]
-    assert "magic" in " ".join(bad_line[6:])
+    assert bad_line[1:7] == ["unknown", "100B", "unreadable", "yes", "-", "?"]
+    assert "magic" in " ".join(bad_line[7:])
+
+
+def test_empty_list_says_so_in_words() -> None:
+    """``list`` with no block prints one sentence, not a lone header; ``--json`` an empty list."""
+    ran = run_cli("list", helper_scope=[])
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, cli.NO_BLOCKS + "\n", "")
+    ran = run_cli("list", "--json", helper_scope=[])
+    assert (ran.returncode, json.loads(ran.stdout)) == (0, [])
+
+
+LIST_KEYS = {
+    "name", "kind", "size", "state", "in_use", "creator_pid", "creator_alive", "modified",
+    "owner_uid", "generation", "shape", "dtype", "error",
+}  # fmt: skip
+
+
+def test_list_json_has_stable_keys_and_sizes_in_bytes(
+    blocks: list[SharedBlock], entries: list[bytes]
+) -> None:
+    """``list --json``: one object per block with the BlockInfo fields, sizes in bytes."""
+    held = make_block(blocks, array_header(), size=3 * 2**20)
+    orphan = write_orphan(entries, array_header())
+    ran = run_cli("list", "--json", env=NO_GRACE)
+    assert ran.returncode == 0, ran.stderr
+    records = {record["name"]: record for record in json.loads(ran.stdout)}
+    for record in records.values():
+        assert set(record) == LIST_KEYS
+    assert records[held.name] | {"modified": 0} == {
+        "name": held.name, "kind": "array", "size": 3 * 2**20, "state": "live", "in_use": True,
+        "creator_pid": os.getpid(), "creator_alive": True, "modified": 0,
+        "owner_uid": os.geteuid(), "generation": 0, "shape": [2, 3], "dtype": "int16",
+        "error": None,
+    }  # fmt: skip
+    assert (records[orphan]["state"], records[orphan]["in_use"]) == ("orphan", False)
+    assert records[orphan]["size"] == 8192
 
 
 def test_hostile_names_and_fields_stay_on_one_line(blocks: list[SharedBlock]) -> None:
@@ -159,21 +262,46 @@ def test_hostile_names_and_fields_stay_on_one_line(blocks: list[SharedBlock]) ->
 
 
 def test_inspect_decodes_the_header(blocks: list[SharedBlock]) -> None:
-    """``inspect NAME`` prints every header field as ``field value``, one per line."""
+    """``inspect NAME`` prints every field as ``field value``, with names, times and states."""
     block = make_block(blocks, array_header())
     ran = run_cli("inspect", "/" + block.name)
     assert ran.returncode == 0, ran.stderr
     fields = dict(line.split(None, 1) for line in ran.stdout.splitlines())
     assert fields["name"] == block.name
     assert fields["kind"] == "array"
-    assert fields["size"] == "8192 (8.0 KiB)"
+    assert fields["state"] == "live"
+    assert fields["in_use"] == "yes, a process maps it"
+    assert fields["cleanup"].startswith("would keep: in use")
+    assert fields["size"] == "8192 bytes (8.0KiB)"
     assert fields["shape"] == "(2, 3)"
     assert fields["strides"] == "(2, 4)"
     assert fields["dtype"] == "int16"
-    assert fields["flags"] == "F_ORDER|READY"
+    assert fields["flags"] == "F_ORDER, READY"
     assert fields["creator_pid"] == str(os.getpid())
     assert fields["creator_alive"] == "yes"
-    assert fields["version"] == "2"
+    assert fields["version"].split()[0] == "2"
+    started = datetime.datetime.strptime(fields["creator_started"], "%Y-%m-%dT%H:%M:%SZ")
+    started = started.replace(tzinfo=datetime.timezone.utc)
+    boot = cli._boot_time()
+    assert boot is not None
+    assert boot - 1 <= started.timestamp() <= time.time()
+
+
+def test_inspect_json_has_stable_keys(blocks: list[SharedBlock]) -> None:
+    """``inspect NAME --json``: the list record plus the decoded header, sizes in bytes."""
+    block = make_block(blocks, array_header(creator=dead_creator()))
+    ran = run_cli("inspect", block.name, "--json")
+    assert ran.returncode == 0, ran.stderr
+    record = json.loads(ran.stdout)
+    assert set(record) == LIST_KEYS | {
+        "version", "flags", "strides", "header_size", "data_offset", "nbytes", "block_id",
+        "creator_start_ticks", "creator_started", "extra_size", "in_flight", "verdict", "reason",
+    }  # fmt: skip
+    assert (record["name"], record["size"], record["nbytes"]) == (block.name, 8192, 12)
+    assert (record["state"], record["in_use"], record["creator_alive"]) == ("live", True, False)
+    assert (record["verdict"], record["flags"]) == ("keep", ["F_ORDER", "READY"])
+    assert (record["shape"], record["strides"], record["in_flight"]) == ([2, 3], [2, 4], 0)
+    assert len(bytes.fromhex(record["block_id"])) == 16
 
 
 def test_inspect_never_unpickles(tmp_path: Path) -> None:
@@ -187,7 +315,8 @@ def test_inspect_never_unpickles(tmp_path: Path) -> None:
         } - mine
         ran = run_cli("inspect", name)
         assert ran.returncode == 0, ran.stderr
-        assert "kind           codec" in ran.stdout
+        fields = dict(line.split(None, 1) for line in ran.stdout.splitlines())
+        assert fields["kind"] == "codec"
         assert not marker.exists()
     finally:
         sma.release(token)
@@ -231,64 +360,121 @@ def test_inspect_invalid_name_is_one_line_error() -> None:
 # -- cleanup ---------------------------------------------------------------------------
 
 
-def test_cleanup_dry_run_reports_and_keeps(blocks: list[SharedBlock]) -> None:
-    """``cleanup --dry-run`` says what it would clean (our dead block) and unlinks nothing."""
-    dead = make_block(blocks, array_header(creator=dead_creator()))
-    alive = make_block(blocks, array_header())
-    ran = run_cli("cleanup", "--dry-run", "--verbose")
+def test_cleanup_dry_run_reports_and_keeps(blocks: list[SharedBlock], entries: list[bytes]) -> None:
+    """``cleanup --dry-run`` names the orphan it would clean and the held block; unlinks nothing."""
+    orphan = write_orphan(entries, array_header())
+    held = make_block(blocks, array_header(creator=dead_creator()))
+    ran = run_cli(
+        "cleanup", "--dry-run", "--verbose", helper_scope=[orphan, held.name], env=NO_GRACE
+    )
     assert ran.returncode == 0, ran.stderr
-    assert f"would clean {dead.name}: creator pid {os.getpid()} has exited" in ran.stdout
-    assert f"skipped {alive.name}: creator pid {os.getpid()} is running" in ran.stdout
-    assert "would clean," in ran.stdout.splitlines()[-1]
-    assert os.path.exists(os.path.join(_registry.SHM_DIR, dead.name))
+    assert f"would clean {orphan}: no process holds it" in ran.stdout
+    assert f"skipped {held.name}: in use: a process maps it" in ran.stdout
+    assert ran.stdout.splitlines()[-1] == "1 would clean, 0 failed, 1 skipped"
+    assert exists(orphan)
 
 
-def test_cleanup_removes_dead_and_prints_summary(blocks: list[SharedBlock]) -> None:
-    """``cleanup`` unlinks the dead creator's block, keeps ours, and ends with a summary."""
-    dead = make_block(blocks, array_header(creator=dead_creator()))
-    alive = make_block(blocks, array_header())
-    ran = run_cli("cleanup", helper_scope=[dead.name, alive.name])
+def test_cleanup_removes_orphans_and_prints_summary(
+    blocks: list[SharedBlock], entries: list[bytes]
+) -> None:
+    """``cleanup`` unlinks the orphan, keeps the held block, and ends with a summary."""
+    orphan = write_orphan(entries, array_header())
+    held = make_block(blocks, array_header(creator=dead_creator()))
+    ran = run_cli("cleanup", helper_scope=[orphan, held.name], env=NO_GRACE)
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.splitlines() == [f"cleaned {dead.name}", "1 cleaned, 0 failed, 1 skipped"]
-    assert not os.path.exists(os.path.join(_registry.SHM_DIR, dead.name))
-    assert os.path.exists(os.path.join(_registry.SHM_DIR, alive.name))
+    assert ran.stdout.splitlines() == [f"cleaned {orphan}", "1 cleaned, 0 failed, 1 skipped"]
+    assert not exists(orphan)
+    assert exists(held.name)
 
 
-def test_cleanup_quiet_prints_nothing(blocks: list[SharedBlock]) -> None:
+def test_cleanup_quiet_prints_nothing(entries: list[bytes]) -> None:
     """``cleanup --quiet`` prints nothing when nothing fails."""
-    dead = make_block(blocks, array_header(creator=dead_creator()))
-    ran = run_cli("cleanup", "--quiet", helper_scope=[dead.name])
+    orphan = write_orphan(entries, array_header())
+    ran = run_cli("cleanup", "--quiet", helper_scope=[orphan], env=NO_GRACE)
     assert (ran.returncode, ran.stdout, ran.stderr) == (0, "", "")
-    assert not os.path.exists(os.path.join(_registry.SHM_DIR, dead.name))
+    assert not exists(orphan)
 
 
 def test_cleanup_failure_exits_1(
-    blocks: list[SharedBlock], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    entries: list[bytes], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A block that cannot be unlinked is reported on stderr and makes the exit status 1."""
-    dead = make_block(blocks, array_header(creator=dead_creator()))
-    monkeypatch.setattr(_registry, "_block_names", lambda: [dead.name])
+    orphan = write_orphan(entries, array_header())
+    monkeypatch.setenv(_reaper.GRACE_ENV, "0")
+    monkeypatch.setattr(_registry, "_block_names", lambda: [orphan])
 
-    def refuse(name: str, inode: int) -> bool:
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(_registry, "_unlink_if_unchanged", refuse)
-    assert cli.main(["cleanup", "--quiet"]) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "unlink", refuse)
+        status = cli.main(["cleanup", "--quiet"])
+    assert status == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == f"failed {dead.name}: cannot unlink: Operation not permitted\n"
+    assert captured.err == f"failed {orphan}: cannot unlink: Operation not permitted\n"
+
+
+def test_the_cli_reaps_nothing_at_exit(entries: list[bytes]) -> None:
+    """``list``, ``inspect`` and ``cleanup --dry-run`` leave an orphan in place, exit included."""
+    orphan = write_orphan(entries, array_header())
+    for args in (["list"], ["inspect", orphan], ["cleanup", "--dry-run"]):
+        ran = run_cli(*args, env=NO_GRACE)
+        assert ran.returncode == 0, ran.stderr
+        assert exists(orphan), args
+
+
+# -- odd entries (API.md section 5, v2) -------------------------------------------------
+
+
+def test_odd_entries_never_crash_the_cli(entries: list[bytes], blocks: list[SharedBlock]) -> None:
+    """Undecodable names, symlinks, FIFOs: every command reports them, none prints a traceback."""
+    tag = new_name()[len(PREFIX) :].encode()
+    undecodable = write_orphan(entries, b"garbage", name=b"sma_\xff" + tag)
+    surrogate = write_orphan(entries, b"garbage", name=b"sma_\xed\xa0\x80" + tag)
+    non_ascii = write_orphan(entries, array_header(), name=("sma_é" + "é" * 100).encode())
+    target = make_block(blocks, array_header())
+    link, fifo = b"/dev/shm/sma_link_" + tag, b"/dev/shm/sma_fifo_" + tag
+    os.symlink(target.name, link)
+    entries.append(link)
+    os.mkfifo(fifo, 0o600)
+    entries.append(fifo)
+    odd = [undecodable, surrogate, non_ascii, os.fsdecode(link[9:]), os.fsdecode(fifo[9:])]
+    scope = [*odd, target.name]
+    ascii_only = {"PYTHONIOENCODING": "ascii"}  # a terminal that cannot show "é"
+    for args in (["list"], ["list", "--json"], ["cleanup", "--dry-run", "--verbose"]):
+        for env in (None, ascii_only):
+            ran = run_cli(*args, helper_scope=scope, env=env)
+            assert ran.returncode == 0, ran.stderr
+            assert ran.stderr == ""
+    ran = run_cli("list", "--json", helper_scope=scope)
+    listed = {record["name"]: record for record in json.loads(ran.stdout)}
+    assert set(listed) == set(scope)
+    assert listed[os.fsdecode(link[9:])]["error"].startswith("a symbolic link")
+    assert listed[os.fsdecode(fifo[9:])]["error"].startswith("a FIFO")
+    ran = run_cli("list", helper_scope=scope)
+    assert "sma_\\udcff" in ran.stdout
+    (line,) = [line for line in ran.stdout.splitlines() if line.startswith("sma_\\udcff")]
+    assert "name is not valid UTF-8" in line
+    ran = run_cli("inspect", b"sma_\xff" + tag)
+    assert_one_line_error(ran, "cannot read the header")
+    ran = run_cli("inspect", link[9:])
+    assert_one_line_error(ran, "a symbolic link")
+    ran = run_cli("inspect", PREFIX + "é" * 200)
+    assert_one_line_error(ran, "not a valid shared-memory block name")
+    assert all(exists(name) for name in scope)
 
 
 @pytest.mark.parametrize(
     ("nbytes", "text"),
     [
-        (0, "0 B"),
-        (1023, "1023 B"),
-        (1024, "1.0 KiB"),
-        (3 * 2**19, "1.5 MiB"),
-        (2**50, "1024.0 TiB"),
+        (0, "0B"),
+        (1023, "1023B"),
+        (1024, "1.0KiB"),
+        (3 * 2**19, "1.5MiB"),
+        (2**50, "1024.0TiB"),
     ],
 )
 def test_format_size(nbytes: int, text: str) -> None:
-    """Sizes print in binary units with one decimal above 1 KiB."""
+    """Sizes print as one word in binary units, with one decimal above 1 KiB."""
     assert cli.format_size(nbytes) == text
