@@ -23,7 +23,6 @@ the epoch, or null), ``extra_size``, ``in_flight``, ``verdict`` (what
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import datetime
 import json
@@ -32,7 +31,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from . import _reaper
 from ._header import Header, HeaderFlags
 from ._reaper import Judgement, Verdict
 from ._registry import GRACE_PERIOD, BlockInfo, _describe, cleanup, list_blocks
@@ -327,8 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _as_a_program() -> None:
-    # The command only observes: its exit must not reap orphans as other processes' do.
-    atexit.unregister(_reaper.exit_hook.run)
     # Names are anyone's bytes: never let one that the terminal cannot show stop the output.
     for stream in (sys.stdout, sys.stderr):
         reconfigure = getattr(stream, "reconfigure", None)

@@ -372,6 +372,7 @@ class SharedBlock:
         except BaseException:
             self.close()
             raise
+        _reaper.exit_hook.arm()
         return self
 
     # -- internals -------------------------------------------------------------------

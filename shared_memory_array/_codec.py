@@ -30,8 +30,9 @@ decoding a 10 KB pickle takes ~15 µs with ``bytes.hex``/``bytes.fromhex`` (a
 little less than ``binascii.hexlify`` + ``decode``, which copies once more)
 on CPython 3.10, 3.11 and 3.13, against 27 µs (3.10) to 40 µs (3.11, 3.13)
 with ``b2a_base64``/``a2b_base64``; numpy-, ``bytes.translate``- and
-``unicode_escape``-based encodings measured no faster (the last 1.5x to 6x slower). Hex is twice the input's size (base64 4/3), which
-only matters below ``threshold``. That ~1.5 ns per byte is why a 10 KB inline
+``unicode_escape``-based encodings measured no faster (the last 1.5x to 6x
+slower). Hex is twice the input's size (base64 4/3), which only matters below
+``threshold``. That ~1.5 ns per byte is why a 10 KB inline
 round trip costs ~23 µs against ~0.8 µs for ``pickle.loads(pickle.dumps(obj))``:
 an ASCII token cannot carry raw bytes.
 

@@ -286,6 +286,9 @@ def _open(name: str) -> tuple[int, os.stat_result, bool] | Judgement:
     if link.st_uid != _my_uid():
         reason = f"owned by uid {link.st_uid}, not by this user"
         return Judgement(name, Verdict.KEEP, reason, "unreadable", None, stat=link)
+    if link.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        reason = f"writable by group or others (mode {stat.S_IMODE(link.st_mode):o}): not ours"
+        return Judgement(name, Verdict.KEEP, reason, "unreadable", None, stat=link)
     writable = True
     flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
@@ -427,7 +430,7 @@ class _ExitHook:
         self._ran_in = 0
         self._lock = threading.Lock()
         self.before_exit: list[Callable[[], None]] = []  # e.g. the codec writer's shutdown
-        atexit.register(self.run)
+        self._registered = False
 
     def arm(self) -> None:
         """Make sure this process runs the hook at its exit (also a multiprocessing child)."""
@@ -435,6 +438,11 @@ class _ExitHook:
         if self._hooked_pid == pid:
             return
         with self._lock:
+            if not self._registered:
+                # Only processes that used a block reap at exit: a bare `import`, or the
+                # CLI listing blocks, must not unlink anything as it ends.
+                self._registered = True
+                atexit.register(self.run)
             if self._hooked_pid != pid:
                 self._hooked_pid = pid
                 # multiprocessing children end with os._exit, which skips atexit; they run
