@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -246,14 +245,8 @@ def list_blocks() -> list[BlockInfo]:
     -------
     list of BlockInfo
     """
-    return [_info(judgement) for judgement in _judgements(unlink=False)]
-
-
-def _judgements(*, unlink: bool) -> Iterator[Judgement]:
-    for name in _block_names():
-        judgement = _reaper.reap(name) if unlink else _reaper.judge(name)
-        if judgement.verdict is not Verdict.GONE:
-            yield judgement
+    judgements = (_reaper.judge(name) for name in _block_names())
+    return [_info(j) for j in judgements if j.verdict is not Verdict.GONE]
 
 
 def cleanup(dry_run: bool = False) -> CleanupResult:
