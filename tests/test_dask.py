@@ -66,7 +66,7 @@ def cluster() -> Iterator[tuple[Any, list[str]]]:
     """A process LocalCluster (scheduler in this process) and a client; yields the local workers."""
     with (
         distributed.LocalCluster(
-            processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+            processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0"
         ) as lc,
         distributed.Client(lc, timeout=TIMEOUT) as client,
     ):
