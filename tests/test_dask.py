@@ -134,6 +134,10 @@ def _same(handle: Any) -> Any:
     return handle
 
 
+def _nested_sums(payload: dict[str, list[SharedArray]]) -> list[tuple[bool, float]]:
+    return [(h.owner, float(h.as_array().sum())) for h in payload["arrays"]]
+
+
 def _dict_info(d: SharedDict) -> tuple[str, dict[Any, Any]]:
     d["seen"] = True
     return d.name, dict(d.items())
@@ -229,6 +233,18 @@ def test_handle_goes_by_value_to_far_worker(cluster: tuple[Any, list[str]], far:
         assert (identity != shm_identity(), owner, total) == (True, True, 499500.0)
         assert client.submit(_fill, handle, 1.0, workers=[far]).result(TIMEOUT) == 1000.0
         assert float(handle.as_array().sum()) == 499500.0  # not written back
+
+
+def test_nested_handles_go_by_value_to_far_worker(cluster: tuple[Any, list[str]], far: str) -> None:
+    """Handles nested in a task's arguments are each sent by value to the far worker."""
+    client, _ = cluster
+    with (
+        SharedArray.copy(None, np.ones(10)) as a,
+        SharedArray.copy(None, np.full(5, 2, dtype=np.int16)) as b,
+    ):
+        payload = {"arrays": [a, b]}
+        got = client.submit(_nested_sums, payload, workers=[far], pure=False).result(TIMEOUT)
+        assert got == [(True, 10.0), (True, 10.0)]
 
 
 def test_worker_to_far_worker_transfer_by_value(cluster: tuple[Any, list[str]], far: str) -> None:

@@ -79,6 +79,9 @@ class _Keeper:
     def total(self, handle: SharedArray) -> float:
         return float(handle.as_array().sum())
 
+    def read_sum(self, token: str) -> float:
+        return float(np.asarray(read(token)).sum())
+
 
 fill = ray.remote(_fill)
 token_sum = ray.remote(_token_sum)
@@ -108,7 +111,7 @@ def test_token_through_a_task() -> None:
 
 
 def test_dict_through_a_task_and_an_actor() -> None:
-    """A SharedDict handle reaches a task and an actor; their inserts are seen by the caller."""
+    """A SharedDict reaches a task and an actor (inserts seen here); so do a handle and a token."""
     with SharedDict.create(f"ray-dict-{os.getpid()}", 100, 1 << 20) as d:
         assert _get(dict_put.remote(d, "task", 1)) == d.name
         keeper = Keeper.remote(d)
@@ -117,6 +120,7 @@ def test_dict_through_a_task_and_an_actor() -> None:
         assert d["actor"].tolist() == [0, 1, 2]
         with SharedArray.copy(None, np.ones(10)) as handle:
             assert _get(keeper.total.remote(handle)) == 10.0
+        assert _get(keeper.read_sum.remote(write(np.ones(300_000)))) == 300_000.0
         ray.kill(keeper)
 
 
