@@ -168,6 +168,43 @@ def test_identity_is_stable_and_shared_with_workers(cluster: tuple[Any, list[str
     assert client.run(shm_identity, workers=workers) == dict.fromkeys(workers, ours)
 
 
+def test_identity_differs_behind_a_private_tmpfs_and_not_in_a_child() -> None:
+    """A child process shares the identity; one with its own tmpfs on /dev/shm does not."""
+    code = "from shared_memory_array._identity import shm_identity; print(shm_identity())"
+    child = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    )
+    assert child.stdout.strip() == shm_identity()
+    why = _can_unshare()
+    if why is not None:
+        pytest.skip(why)
+    private = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f"mount -t tmpfs tmpfs /dev/shm && {sys.executable} -c '{code}'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    assert len(private.stdout.strip()) == 16
+    assert private.stdout.strip() != shm_identity()
+
+
+def test_identity_cache_is_per_process() -> None:
+    """An identity cached under another pid (a forked child's inheritance) is not reused."""
+    from shared_memory_array import _identity
+
+    _identity._cache.clear()
+    _identity._cache[-1] = "inherited from a parent"
+    assert shm_identity() == _identity._compute()
+    assert list(_identity._cache) == [os.getpid()]
+
+
 def test_far_worker_has_another_identity(cluster: tuple[Any, list[str]], far: str) -> None:
     """A worker with a private tmpfs on /dev/shm has another shm identity."""
     client, _ = cluster
