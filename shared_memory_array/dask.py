@@ -46,9 +46,13 @@ context; so the adapter wraps ``distributed.protocol.dumps`` and
 ``distributed.protocol.serialize.serialize`` to publish the current context in
 a context variable, and registers a reducer in ``copyreg.dispatch_table``
 (which pickle and cloudpickle consult before ``__reduce_ex__``) that picks by
-handle or by value from it. Outside Dask's serialisation the reducer is the
-handle's own ``__reduce__``: ``multiprocessing`` and plain ``pickle`` are
-unaffected.
+handle or by value from it. The client pickles a graph before handing it to its
+comm (no context): its recipient is the scheduler of the default client, whose
+identity that client's connection knows. The scheduler unpickles graphs, so a
+scheduler on another /dev/shm gets the data by value, and sends it on by value
+again to each worker that does not share its /dev/shm (two copies, still correct).
+Outside Dask's serialisation the reducer is the handle's own ``__reduce__``:
+``multiprocessing`` and plain ``pickle`` are unaffected.
 """
 
 from __future__ import annotations

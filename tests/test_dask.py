@@ -327,6 +327,51 @@ def test_pickled_handle_on_far_worker_raises_clearly(
             future.result(TIMEOUT)
 
 
+def test_scheduler_behind_a_private_tmpfs_gets_the_graph_by_value(tmp_path: Path) -> None:
+    """With a scheduler that cannot see our /dev/shm, a task still gets a correct (owned) copy."""
+    why = _can_unshare()
+    if why is not None:
+        pytest.skip(why)
+    scheduler_file = tmp_path / "scheduler.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    preload = "--preload shared_memory_array.dask"
+    scheduler_command = (
+        "mount -t tmpfs tmpfs /dev/shm && exec "
+        f"{sys.executable} -m distributed.cli.dask_scheduler --port 0 --no-dashboard "
+        f"--scheduler-file {scheduler_file} {preload}"
+    )
+    worker_command = (
+        f"{sys.executable} -m distributed.cli.dask_worker --scheduler-file {scheduler_file} "
+        f"--nthreads 1 --no-nanny --no-dashboard {preload}"
+    )
+    with (tmp_path / "log").open("w") as log:
+        processes = [
+            subprocess.Popen(["unshare", "-m", "sh", "-c", scheduler_command], stderr=log, env=env)
+        ]
+        try:
+            processes.append(subprocess.Popen(worker_command.split(), stderr=log, env=env))
+            with (
+                distributed.Client(scheduler_file=str(scheduler_file), timeout=TIMEOUT) as client,
+                SharedArray.copy(None, np.arange(100.0)) as handle,
+            ):
+                client.wait_for_workers(1, timeout=TIMEOUT)
+                assert client.run_on_scheduler(shm_identity) != shm_identity()
+                name, identity, owner, total = client.submit(_where, handle, pure=False).result(
+                    TIMEOUT
+                )
+                # by value to the scheduler, then by value again from its /dev/shm to ours
+                assert (name != handle.name, identity, owner, total) == (
+                    True,
+                    shm_identity(),
+                    True,
+                    4950.0,
+                )
+        finally:
+            for process in processes:
+                process.terminate()
+                process.wait(timeout=TIMEOUT)
+
+
 # -- spilling, caching, sizeof -----------------------------------------------------------
 
 
