@@ -6,7 +6,7 @@ Enable it with two lines (``pip install shared-memory-array[ray]``)::
     import shared_memory_array.ray as sma_ray
 
     ray.init(runtime_env=sma_ray.runtime_env())   # every worker runs install() at start
-    sma_ray.install()                             # and so does the driver
+    sma_ray.install()                             # and so does the driver (before or after init)
 
 :func:`runtime_env` adds ``worker_process_setup_hook =
 "shared_memory_array.ray.install"`` to a runtime environment (yours, if you pass
