@@ -396,8 +396,7 @@ def _unseal(payload: str) -> bytes:
     stored, actual = int(stored_text, 16), zlib.crc32(data)
     if actual != stored:
         raise LayoutError(
-            f"inline token is damaged: checksum {actual:08x} does not match the stored "
-            f"{stored:08x}"
+            f"inline token is damaged: checksum {actual:08x} does not match the stored {stored:08x}"
         )
     return data
 

@@ -1,23 +1,37 @@
-"""Which /dev/shm a process sees: the identity a handle carries so it never attaches a stranger.
+"""An identity of the shared-memory filesystem this process sees.
 
-A handle (a pickled ``SharedArray`` or ``SharedDict``, a shared-memory token)
-names a block. On another host, or in a container or mount namespace with a
-/dev/shm of its own, the same name may be absent or, worse, name a different
-block. So handles carry :func:`shm_identity` of the process that made them, and
-the receiver compares it with its own before it attaches: another identity means
-"this block lives on another host's /dev/shm" (a clear
-:class:`~shared_memory_array.BlockNotFoundError`), never a wrong attach.
+Two processes can share a block by name exactly when they see the same
+/dev/shm. :func:`shm_identity` returns a short hex string that is equal for
+every process of one effective uid that sees the same /dev/shm, and different
+otherwise. The adapters for Dask and Ray compare a receiver's identity with
+their own to decide whether a handle can go *by handle* (the receiver attaches)
+or must go *by value* (one copy through the engine).
 
-The identity hashes what decides which files a name reaches: the effective uid
-(blocks are per-user, mode 0600), the device and inode of /dev/shm (a private
-tmpfs mounted on it in another mount namespace is another device), and the
-kernel's boot id (another host, or this one after a reboot). Never hostnames or
-IP addresses: host-network containers share those without sharing /dev/shm.
+What goes into it, and why
+--------------------------
+* ``st_dev`` and ``st_ino`` of /dev/shm: a tmpfs mount is one superblock with
+  its own anonymous device number, so a worker in a private mount namespace
+  with its own tmpfs on /dev/shm (a container without ``--ipc=host``) gets
+  another identity, while a bind mount of the same tmpfs (``--ipc=host``,
+  ``-v /dev/shm:/dev/shm``) keeps it: that is exactly "can attach by name".
+* The kernel's ``boot_id`` (``/proc/sys/kernel/random/boot_id``, random at each
+  boot, not namespaced): device numbers are small integers that repeat from
+  host to host and from boot to boot; the boot id tells those apart.
+* The effective uid: blocks are created mode 0600 and another user's block is
+  refused (``UntrustedBlockError``), so two uids never share a block.
+
+Never a hostname or an IP address: containers with host networking share
+both without sharing /dev/shm. Where /dev/shm or the boot id is missing (not
+Linux), the corresponding part is left out and the identity is still stable
+for the processes of one machine.
+
+The value is cached per process and recomputed in a forked child (a stat and
+a 37-byte read, about 10 µs), since a child may have entered another mount
+namespace before it serialises anything.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from typing import Final
@@ -27,45 +41,56 @@ from .errors import BlockNotFoundError
 __all__ = ["IDENTITY_LENGTH", "check_same_shm", "shm_identity"]
 
 IDENTITY_LENGTH: Final = 16  # hex digits
-_BOOT_ID: Final = "/proc/sys/kernel/random/boot_id"
-_SHM_DIR: Final = "/dev/shm"
+
+SHM_DIR = "/dev/shm"
+_BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+_cache: dict[int, str] = {}  # pid -> identity: a forked child sees another pid
 
 
-def _compute() -> str:
-    parts = [str(os.geteuid() if hasattr(os, "geteuid") else -1)]
+def _compute(shm_dir: str = SHM_DIR) -> str:
     try:
-        info = os.stat(_SHM_DIR)
-        parts.append(f"{info.st_dev}:{info.st_ino}")
+        info = os.stat(shm_dir)
+        where = f"{info.st_dev}:{info.st_ino}"
     except OSError:
-        parts.append("no-shm-dir")
+        where = "-"
     try:
-        with open(_BOOT_ID, encoding="ascii") as boot:
-            parts.append(boot.read().strip())
+        with open(_BOOT_ID, encoding="ascii") as f:
+            boot = f.read().strip()
     except OSError:
-        parts.append("no-boot-id")
-    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=IDENTITY_LENGTH // 2)
+        boot = "-"
+    euid = os.geteuid() if hasattr(os, "geteuid") else -1
+    digest = hashlib.blake2b(f"sma-shm:{euid}:{where}:{boot}".encode(), digest_size=8)
     return digest.hexdigest()
 
 
-@functools.lru_cache(maxsize=4)
-def _identity_for(pid: int) -> str:
-    return _compute()
-
-
 def shm_identity() -> str:
-    """Identity of the /dev/shm this process sees, as hex (recomputed after a fork).
+    """Identity of the /dev/shm this process sees, as 16 hex digits.
 
-    Equal in every process of one user that sees the same /dev/shm on the same
-    boot; different on another host, in a mount namespace with its own
-    /dev/shm, or for another user.
+    Equal for all processes of the same effective uid that see the same
+    /dev/shm (same host, same boot, same tmpfs); different for a process on
+    another host, after a reboot, or in a mount namespace with its own tmpfs on
+    /dev/shm. Cached per process (and recomputed after ``fork``).
+
+    Examples
+    --------
+    >>> len(shm_identity())
+    16
     """
-    return _identity_for(os.getpid())
+    pid = os.getpid()
+    identity = _cache.get(pid)
+    if identity is None:
+        identity = _compute()
+        _cache.clear()  # drop the parent's entry in a forked child
+        _cache[pid] = identity
+    return identity
 
 
 def check_same_shm(name: str, identity: str | None) -> None:
     """Raise unless a handle made where ``identity`` was current can be attached here.
 
-    ``None`` (a handle from a version that carried no identity) is accepted.
+    Handles and tokens carry the identity of the process that made them;
+    ``None`` (a handle that carried none) is accepted.
 
     Raises
     ------
