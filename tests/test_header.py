@@ -177,3 +177,21 @@ def test_flags_round_trip() -> None:
         flags=HeaderFlags.READY | HeaderFlags.F_ORDER,
     )
     assert parse_header(header + bytes(6)).fortran_order
+
+
+def test_golden_v2_array_header_reads() -> None:
+    """A committed v2 header decodes with its block id and its lifetime area before the data."""
+    raw = (FIXTURES / "header_v2_array_structured_f.bin").read_bytes()
+    parsed = parse_header(raw, expected_kind=BlockKind.ARRAY)
+    expected = np.dtype([("id", "<u4"), ("pos", "<f8", (3,)), ("tag", "S5")], align=True)
+    assert parsed.version == 2
+    assert parsed.dtype == expected
+    assert parsed.shape == (4, 2)
+    assert parsed.strides == (40, 160)
+    assert parsed.fortran_order
+    assert parsed.generation == 3
+    assert (parsed.creator_pid, parsed.creator_start) == (4242, 987654321)
+    assert parsed.block_id == bytes(range(16))
+    assert parsed.lifetime_offset == parsed.header_size
+    assert parsed.data_offset == parsed.header_size + 64
+    assert raw[parsed.header_size : parsed.data_offset] == bytes(64)  # lifetime words, zero
