@@ -31,10 +31,16 @@ reserved them all).
 Reading and populating are both safe beside a concurrent copy into the same
 pages, so nothing waits: a write that takes a block still being populated
 cancels the job (:meth:`Job.cancel`) and proceeds; the thread stops at the end
-of its current chunk. The job holds a view of the mapping while it runs, so a
-block discarded meanwhile stays mapped until that chunk ends (its
-``close()`` defers the unmap to the last view, see :mod:`._block`), and is
-unmapped by the thread as it lets the view go.
+of its current chunk. That write maps what the thread had not reached itself,
+by reading (``prefault(..., by_reading=True)``: no per-page walk in the
+kernel, about 0.1 s per GB here) before it copies: 16 pages per fault instead
+of one (measured here, 1 GB written right after its release: 0.27 s against
+0.72 s without any of this; 0.18-0.2 s in steady state).
+
+The job holds a view of the mapping while it runs, so a block discarded
+meanwhile stays mapped until that chunk ends (its ``close()`` defers the unmap
+to the last view, see :mod:`._block`), and is unmapped by the thread as it
+lets the view go.
 
 One thread per process serves every job in turn and exits when none is
 left: no thread runs once the pool is empty. A forked child starts with no
