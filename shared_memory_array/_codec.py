@@ -757,7 +757,7 @@ class _Writer:
         entry.set_pooled(True)
         self._pool[entry.block.name] = entry
         self._pool_bytes += size
-        if entry.mapped < size:
+        if size - entry.mapped >= _populate.MIN_BYTES:
             # Off the hot path: the next write into this block then copies at memcpy
             # speed instead of taking a page fault per page of the writer's mapping.
             self._populating[entry.block.name] = _populate.submit(entry.block.buf, entry.mapped)
@@ -795,10 +795,11 @@ class _Writer:
                 entry = self._drop_pooled(entry.block.name)
                 # Taken before the thread was done: the rest is mapped in here, by read
                 # faults that map 16 pages each, instead of one fault per page in the copy.
-                if entry.mapped < needed and _populate.prefault(
-                    entry.block.buf, entry.mapped, needed, by_reading=True
+                touched = min(entry.block.size, align(needed, mmap.PAGESIZE))
+                if entry.mapped < touched and _populate.prefault(
+                    entry.block.buf, entry.mapped, touched, by_reading=True
                 ):
-                    entry.mapped = needed
+                    entry.mapped = touched
                 return entry
         return None
 

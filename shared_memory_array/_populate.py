@@ -62,12 +62,14 @@ from typing import Final, cast
 
 import numpy as np
 
-__all__ = ["CHUNK", "Job", "idle", "prefault", "submit", "wait_idle"]
+__all__ = ["CHUNK", "MIN_BYTES", "Job", "idle", "prefault", "submit", "wait_idle"]
 
 MADV_POPULATE_READ: Final = 22
 MADV_POPULATE_WRITE: Final = 23
 CHUNK: Final = 32 << 20
 """Bytes populated per call: how far the thread runs after a job is cancelled."""
+MIN_BYTES: Final = 1 << 20
+"""Smaller unmapped remainders are left to the writer (no thread woken for them)."""
 THREAD_NAME: Final = "shared_memory_array-populate"
 
 

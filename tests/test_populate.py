@@ -18,6 +18,7 @@ from shared_memory_array._block import SharedBlock
 TIMEOUT = 60
 SHARED = 0  # threshold that sends everything to shared memory
 PAGES = 256
+ITEMS = 300_000  # float64: 2.4 MB, above _populate.MIN_BYTES
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page tables")
 
 
@@ -133,7 +134,7 @@ def test_a_block_discarded_while_being_populated_is_unmapped_after_the_chunk(
 ) -> None:
     """Discarding a block mid-populate neither crashes the thread nor leaks the mapping."""
     parked = _ParkedThread(monkeypatch)
-    token = write(np.ones(100_000), threshold=SHARED)
+    token = write(np.ones(ITEMS), threshold=SHARED)
     release(token)
     (name,) = _codec._writer.pooled_names()
     assert parked.inside.wait(TIMEOUT)
@@ -148,12 +149,12 @@ def test_a_block_discarded_while_being_populated_is_unmapped_after_the_chunk(
 def test_a_write_never_waits_for_the_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that takes a block still being populated proceeds, and stores the right bytes."""
     parked = _ParkedThread(monkeypatch)
-    token = write(np.ones(100_000), threshold=SHARED)
+    token = write(np.ones(ITEMS), threshold=SHARED)
     release(token)
     assert parked.inside.wait(TIMEOUT)
     tokens: list[str] = []
     writer = threading.Thread(
-        target=lambda: tokens.append(write(np.arange(90_000.0), threshold=SHARED))
+        target=lambda: tokens.append(write(np.arange(ITEMS * 0.9), threshold=SHARED))
     )
     writer.start()
     writer.join(TIMEOUT)  # would hang if the write waited for the parked thread
@@ -161,12 +162,12 @@ def test_a_write_never_waits_for_the_thread(monkeypatch: pytest.MonkeyPatch) -> 
     parked.resume()
     assert not alive
     assert tokens[0].split(":")[2] == token.split(":")[2]  # the block being populated
-    np.testing.assert_array_equal(read(tokens[0]), np.arange(90_000.0))
+    np.testing.assert_array_equal(read(tokens[0]), np.arange(ITEMS * 0.9))
 
 
 def test_no_thread_is_left_once_the_pool_is_empty() -> None:
     """The populate thread exits when the pool empties (and when its jobs are done)."""
-    tokens = [write(np.full(50_000, float(i)), threshold=SHARED) for i in range(3)]
+    tokens = [write(np.full(ITEMS, float(i)), threshold=SHARED) for i in range(3)]
     for token in tokens:
         release(token)
     assert len(_codec._writer.pooled_names()) == 3
@@ -178,10 +179,37 @@ def test_no_thread_is_left_once_the_pool_is_empty() -> None:
 
 def test_a_populated_block_is_not_populated_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block whose mapping the thread completed is not handed to it again when re-pooled."""
-    release(write(np.ones(100_000), threshold=SHARED))
+    release(write(np.ones(ITEMS), threshold=SHARED))
     assert _populate.wait_idle(TIMEOUT)
     submitted: list[memoryview] = []
     monkeypatch.setattr(_populate, "submit", lambda view, start=0: submitted.append(view))
-    release(write(np.ones(100_000), threshold=SHARED))
+    release(write(np.ones(ITEMS), threshold=SHARED))
     assert len(_codec._writer.pooled_names()) == 1
     assert submitted == []
+
+
+def test_what_the_writer_mapped_itself_is_not_populated_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A block taken before its job ran is mapped by the write, and not queued again."""
+    queued: list[int] = []
+
+    def never_run(view: memoryview, start: int = 0) -> _populate.Job:
+        queued.append(start)
+        return _populate.Job(view, start)  # never handed to the thread
+
+    monkeypatch.setattr(_populate, "submit", never_run)
+    release(write(np.ones(ITEMS), threshold=SHARED))
+    token = write(np.full(ITEMS, 2.0), threshold=SHARED)  # the writer maps the block itself
+    np.testing.assert_array_equal(read(token), np.full(ITEMS, 2.0))
+    release(token)
+    assert queued == [0]
+
+
+def test_a_small_block_wakes_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pooled block smaller than MIN_BYTES is left to the writer: no job, no thread."""
+    queued: list[memoryview] = []
+    monkeypatch.setattr(_populate, "submit", lambda view, start=0: queued.append(view))
+    release(write(np.ones(_populate.MIN_BYTES // 16), threshold=SHARED))
+    assert len(_codec._writer.pooled_names()) == 1
+    assert queued == []
