@@ -133,7 +133,7 @@ from typing import Any, Final, TypeVar, overload
 
 import numpy as np
 
-from . import _lifetime, _reaper
+from . import _lifetime, _populate, _reaper
 from ._block import GENERATED_NAME_PATTERN, PREFIX, SharedBlock, pwrite_all
 from ._header import (
     BLOCK_ID_SIZE,
@@ -616,6 +616,7 @@ class _Written:
     generation: int
     data_offset: int
     lifetime_offset: int
+    mapped: int = 0  # bytes from the start known to be in the writer's page tables
 
     def state(self) -> bytes:
         return bytes(self.block.buf[self.data_offset : self.data_offset + len(_LIVE)])
@@ -665,6 +666,10 @@ class _Writer:
         self._pool: dict[str, _Written] = {}  # released, mapped, oldest first
         self._pool_bytes = 0
         self._last_write = 0.0
+        for job in getattr(self, "_populating", {}).values():
+            job.cancel()
+        # Pooled blocks whose mapping the populate thread maps in (see _populate).
+        self._populating: dict[str, _populate.Job] = {}
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's blocks: a child must neither reuse nor unlink them."""
@@ -761,6 +766,10 @@ class _Writer:
         entry.set_pooled(True)
         self._pool[entry.block.name] = entry
         self._pool_bytes += size
+        if size - entry.mapped >= _populate.MIN_BYTES:
+            # Off the hot path: the next write into this block then copies at memcpy
+            # speed instead of taking a page fault per page of the writer's mapping.
+            self._populating[entry.block.name] = _populate.submit(entry.block.buf, entry.mapped)
 
     def _trim_pool(self, max_bytes: int, *, max_blocks: int | None = None) -> None:
         while self._pool and (
@@ -772,6 +781,10 @@ class _Writer:
     def _drop_pooled(self, name: str) -> _Written:
         entry = self._pool.pop(name)
         self._pool_bytes -= entry.block.size
+        job = self._populating.pop(name, None)
+        if job is not None:
+            job.cancel()  # the thread stops after its current chunk; nobody waits for it
+            entry.mapped = max(entry.mapped, job.populated)
         return entry
 
     def _take_from_pool(self, needed: int) -> _Written | None:
@@ -788,7 +801,15 @@ class _Writer:
             # Upgrading this description's HOLD to exclusive succeeds only if no other
             # description maps the block: no reader has a view of it any more.
             if _lifetime.try_lock(entry.block.fileno(), _lifetime.HOLD, exclusive=True):
-                return self._drop_pooled(entry.block.name)
+                entry = self._drop_pooled(entry.block.name)
+                # Taken before the thread was done: the rest is mapped in here, by read
+                # faults that map 16 pages each, instead of one fault per page in the copy.
+                touched = min(entry.block.size, align(needed, mmap.PAGESIZE))
+                if entry.mapped < touched and _populate.prefault(
+                    entry.block.buf, entry.mapped, touched, by_reading=True
+                ):
+                    entry.mapped = touched
+                return entry
         return None
 
     # -- the collector -----------------------------------------------------------------
