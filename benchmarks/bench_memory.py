@@ -220,7 +220,7 @@ def sum_array(array: np.ndarray[Any, Any]) -> float:
 
 
 def sum_shared_data(name: str) -> float:
-    value = float(SharedData.load(name).sum(dtype=np.float64))  # type: ignore[attr-defined]
+    value = float(SharedData.load(name).sum(dtype=np.float64))
     _all_hold_it()
     return value
 

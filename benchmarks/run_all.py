@@ -1,11 +1,12 @@
 """Run every benchmark of this repository, one after the other, and print their tables.
 
-Each benchmark runs the competitors (numpy.copy, pickle, a multiprocessing.Queue,
-Manager().dict(), and joblib and UltraDict when the ``bench`` extra is installed)
-on the same work in the same run, and prints Markdown tables in one style: sizes
+Each benchmark runs the competitors (numpy.copy, the stdlib's SharedMemory, pickle,
+a multiprocessing.Queue and Pool, Manager().dict(), joblib and UltraDict when the
+``bench`` extra is installed, Dask and Ray when theirs are) on the same work in the
+same run, and prints Markdown tables in one style: sizes
 labelled exactly, every ratio phrased from our side ("ours is 3.5× faster").
 
-Run: python benchmarks/run_all.py [--quick]   (--quick: small sizes, about a minute)
+Run: python benchmarks/run_all.py [--quick]   (--quick: small sizes, a few minutes)
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_array.py", "bench_codec.py", "bench_dict.py"]
+BENCHMARKS = [
+    "bench_array.py",
+    "bench_codec.py",
+    "bench_reuse.py",
+    "bench_dict.py",
+    "bench_memory.py",
+    "bench_cluster.py",  # Dask and Ray rows only where the dask/ray extras are installed
+]
 
 
 def main() -> int:

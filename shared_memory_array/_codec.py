@@ -102,10 +102,11 @@ the codec's policy on top:
 * New blocks are reserved with ``posix_fallocate`` and filled with ``pwrite``
   (pieces of 1 MiB and more), so a one-shot write never faults the pages into
   the writer's mapping: measured here for 1 GB, 0.52 s against 0.83 s for
-  ``MAP_POPULATE`` + copy and 0.79 s for copying through a plain mapping. The
-  first *reuse* of a block faults the writer's mapping in once (about what
-  ``MAP_POPULATE`` would have cost at creation); every later reuse copies into
-  mapped pages at memcpy speed (77 ms/GB here, against 172 ms for ``pwrite``).
+  ``MAP_POPULATE`` + copy and 0.79 s for copying through a plain mapping. A
+  pooled block's mapping is populated off the hot path by :mod:`._populate` (a
+  thread, ``MADV_POPULATE_READ`` then ``WRITE``, the GIL released); a write that
+  takes it earlier maps the rest itself by read faults (16 pages each) before
+  copying. Every later reuse copies into mapped pages at memcpy speed.
 * Every outstanding token costs the writer one descriptor (two on Python <
   3.13, whose ``mmap`` duplicates it). When none is left, :func:`write` falls
   back to an inline token with a ``UserWarning``.
