@@ -921,6 +921,15 @@ def configure(*, pool_bytes: int | None = None) -> None:
 _T = TypeVar("_T")
 
 
+class _InlineSeen(threading.local):
+    """The last inline token this thread made or read whole (so it is known to be valid)."""
+
+    token: str | None = None
+
+
+_inline_seen = _InlineSeen()
+
+
 def write(obj: _T, *, threshold: int = 1_000_000) -> Token[_T]:
     """Serialise ``obj`` and return a token that any process of this user can read.
 
@@ -955,7 +964,8 @@ def write(obj: _T, *, threshold: int = 1_000_000) -> Token[_T]:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     pickled = pickle_out_of_band(obj)
     if pickled.nbytes < threshold:
-        return Token(_inline_token(pickled))
+        inline = _inline_seen.token = Token(_inline_token(pickled))
+        return inline
     try:
         return Token(_writer.write(pickled, shm_identity()))
     except MemoryError as exc:  # AllocationError: no memory, inode or descriptor left
@@ -994,7 +1004,9 @@ def read(token: str, *, readonly: bool = True) -> Any:
     """
     mode, payload = _parse_token(token)
     if mode != _MODE_SHARED:
-        return _read_inline(mode, payload, readonly)
+        obj = _read_inline(mode, payload, readonly)
+        _inline_seen.token = token  # checked whole: its release need not decode it again
+        return obj
     shared = _parse_shared_token(token)
     check_same_shm(shared.name, shared.identity)
     return read_block(
@@ -1019,7 +1031,10 @@ def release(token: str) -> None:
     """
     mode, payload = _parse_token(token)
     if mode != _MODE_SHARED:
-        _unseal(payload)  # a malformed inline token raises as read() would
+        # A malformed inline token raises as read() would; the common pattern
+        # (write, read, release the same token) has it checked already.
+        if _inline_seen.token is not token and _inline_seen.token != token:
+            _unseal(payload)
         return
     shared = _parse_shared_token(token)
     check_same_shm(shared.name, shared.identity)

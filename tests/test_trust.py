@@ -356,3 +356,13 @@ def test_allocation_error_from_full_dev_shm_leaves_no_block() -> None:
     fs = os.statvfs(SHM)
     with pytest.raises(AllocationError):
         SharedBlock.create(fs.f_blocks * fs.f_frsize + (1 << 30))
+
+
+def test_release_of_a_damaged_copy_of_a_token_just_read_still_raises() -> None:
+    """The shortcut for the token just read never covers another token: a damaged copy raises."""
+    token = write({"a": 1, "b": "x" * 100})
+    assert read(token) == {"a": 1, "b": "x" * 100}
+    damaged = token[:-1] + ("0" if token[-1] != "0" else "1")
+    with pytest.raises(LayoutError, match="damaged"):
+        release(damaged)
+    release(token)  # the real one releases quietly
