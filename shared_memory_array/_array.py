@@ -416,10 +416,11 @@ class SharedArray(Generic[_ScalarT_co]):
         self._block, self._name = block, block.name
         try:
             header = parse_header(
-                block.buf,
+                block.header_bytes(),  # pread: the mapping stays untouched until as_array()
                 expected_kind=BlockKind.ARRAY,
                 name=block.name,
                 verify_checksum=verify_checksum,
+                block_size=block.size,
             )
             if block_id is not None and header.block_id != block_id:
                 raise BlockNotFoundError(

@@ -110,6 +110,7 @@ _EXHAUSTED = {
     errno.ENOMEM: "out of memory",
 }
 _UNTRUSTED_MODE_BITS = stat.S_IWGRP | stat.S_IWOTH
+_HEADER_READ = 4096  # bytes read at once for a header: every common header fits
 
 
 def normalize_name(name: object) -> str:
@@ -496,6 +497,24 @@ class SharedBlock:
             pwrite_all(self._hold.fd, view, offset)
         else:
             self.buf[offset : offset + len(view)] = view
+
+    def header_bytes(self) -> bytes | memoryview:
+        """The block's first bytes, at least its whole header, read without the mapping.
+
+        ``pread`` copies them from the page cache: touching the mapping instead
+        would fault a page into it and make the ``munmap`` of ``close()`` pay a
+        TLB flush, more than half the cost of an attach here. Pass the result
+        to ``parse_header(..., block_size=block.size)``.
+        """
+        hold = self._hold
+        if not _HAVE_PWRITE or hold is None or hold.fd < 0 or self.size == 0:
+            return self.buf
+        raw = os.pread(hold.fd, min(self.size, _HEADER_READ), 0)
+        if len(raw) >= 20:
+            header_size = int.from_bytes(raw[16:20], "little")
+            if len(raw) < header_size <= min(self.size, 1 << 20):
+                raw = os.pread(hold.fd, header_size, 0)  # a long header (many dims, a big dtype)
+        return raw
 
     def lifetime_words(self, offset: int) -> _lifetime.LifetimeWords | None:
         """The lifetime words at ``offset`` (a v2 header's), ``None`` if they cannot change."""

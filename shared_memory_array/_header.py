@@ -261,6 +261,7 @@ def parse_header(
     expected_kind: BlockKind | None = None,
     name: str = "<block>",
     verify_checksum: bool = True,
+    block_size: int | None = None,
 ) -> Header:
     """Decode and validate the header at the start of ``buf`` (the whole block).
 
@@ -271,23 +272,28 @@ def parse_header(
     Parameters
     ----------
     buf
-        The block's bytes; ``len(buf)`` is taken as the block size.
+        The block's bytes; ``len(buf)`` is taken as the block size unless
+        ``block_size`` is given, when ``buf`` may be the block's first bytes only
+        (read with ``pread``, so the mapping is not touched): a header longer
+        than ``buf`` is then rejected as truncated.
     expected_kind
         Reject blocks of any other kind.
     name
         Used in error messages.
     verify_checksum
         Skip the CRC only on trusted fast paths (bounds are always checked).
+    block_size
+        The block's size, when ``buf`` holds only its start.
 
     Raises
     ------
     LayoutError
         Anything is wrong; the message names the field and the bad value.
     """
-    size = len(buf)
-    if size >= _V1_FIXED_SIZE:
+    size = len(buf) if block_size is None else block_size
+    if len(buf) >= _V1_FIXED_SIZE:
         (header_size,) = _HEADER_SIZE_AT.unpack_from(buf, 16)
-        if header_size <= min(size, MAX_HEADER_SIZE):
+        if header_size <= min(size, len(buf), MAX_HEADER_SIZE):
             raw = bytes(buf[:header_size])
             header = _parsed.get(raw)
             if header is not None:
@@ -295,7 +301,7 @@ def parse_header(
                 _check_kind(header.kind, expected_kind, f"block {name!r}")
                 return header
             header = _parse_uncached(
-                buf, expected_kind=expected_kind, name=name, verify_checksum=verify_checksum
+                buf, size, expected_kind=expected_kind, name=name, verify_checksum=verify_checksum
             )
             if verify_checksum:
                 if len(_parsed) >= _PARSED_MAX:
@@ -303,7 +309,7 @@ def parse_header(
                 _parsed[raw] = header
             return header
     return _parse_uncached(
-        buf, expected_kind=expected_kind, name=name, verify_checksum=verify_checksum
+        buf, size, expected_kind=expected_kind, name=name, verify_checksum=verify_checksum
     )
 
 
@@ -330,15 +336,15 @@ def _check_fits(header: Header, size: int, where: str) -> None:
 
 def _parse_uncached(
     buf: memoryview | bytes,
+    size: int,
     *,
     expected_kind: BlockKind | None,
     name: str,
     verify_checksum: bool,
 ) -> Header:
     """:func:`parse_header` itself, every check made on the bytes (no cache)."""
-    size = len(buf)
     where = f"block {name!r}"
-    if size < _V1_FIXED_SIZE:
+    if min(size, len(buf)) < _V1_FIXED_SIZE:
         raise LayoutError(
             f"{where} is {size} bytes, too short for a header ({_V1_FIXED_SIZE} bytes at least)"
         )
@@ -368,6 +374,8 @@ def _parse_uncached(
     fixed_size = _V1_FIXED_SIZE if version == 1 else FIXED_SIZE
     if not fixed_size <= header_size <= min(size, MAX_HEADER_SIZE) or header_size % ALIGNMENT:
         raise LayoutError(f"{where}: header_size {header_size} is invalid for a {size}-byte block")
+    if header_size > len(buf):  # only with block_size: the caller read too little
+        raise LayoutError(f"{where}: header of {header_size} bytes is truncated to {len(buf)}")
     if verify_checksum:
         raw = bytearray(buf[:header_size])
         raw[_CHECKSUM_OFFSET : _CHECKSUM_OFFSET + 4] = b"\0\0\0\0"
