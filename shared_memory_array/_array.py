@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from ._header import (
     parse_header,
 )
 from ._identity import check_same_shm, shm_identity
-from ._lifetime import Hold
+from ._lifetime import Hold, this_pid
 from .errors import BlockNotFoundError, LayoutError
 
 __all__ = [
@@ -264,7 +263,7 @@ def _let_go(hold: Hold, creator_pid: int) -> None:
     it and no pickled handle of it is in flight (see :mod:`._reaper`), which the
     mapping's own finalizer checks when this process's last view of it goes.
     """
-    if os.getpid() == creator_pid:  # a forked child's copy owns nothing
+    if this_pid() == creator_pid:  # a forked child's copy owns nothing
         hold.drop_owner()
 
 
@@ -381,7 +380,7 @@ class SharedArray(Generic[_ScalarT_co]):
         block = SharedBlock.create(len(header) + max(layout.nbytes, 1), populate=raw is None)
         self = object.__new__(cls)
         self._block, self._layout, self._name = block, layout, block.name
-        self._data_offset, self._owner_pid = len(header), os.getpid()
+        self._data_offset, self._owner_pid = len(header), this_pid()
         self._block_id, self._lifetime_offset = encoded_identity(header)
         try:
             block.buf[: len(header)] = header
@@ -457,7 +456,7 @@ class SharedArray(Generic[_ScalarT_co]):
         if words is not None:
             words.unpickled()
         if block.hold.take_owner():
-            self._owner_pid = os.getpid()
+            self._owner_pid = this_pid()
             weakref.finalize(self, _let_go, block.hold, self._owner_pid)
 
     # -- constructors ----------------------------------------------------------------------
@@ -851,7 +850,7 @@ class SharedArray(Generic[_ScalarT_co]):
     @property
     def owner(self) -> bool:
         """Whether this handle owns (and will unlink) the block, in this process."""
-        return self._owner_pid == os.getpid() and self._block is not None
+        return self._owner_pid == this_pid() and self._block is not None
 
     @property
     def closed(self) -> bool:
@@ -876,7 +875,7 @@ class SharedArray(Generic[_ScalarT_co]):
             self.unlink()
         block, self._block = self._block, None
         if block is not None:
-            if self._owner_pid == os.getpid():
+            if self._owner_pid == this_pid():
                 block.hold.drop_owner()
             block.close()
         self._owner_pid = 0

@@ -64,6 +64,7 @@ import weakref
 from typing import Final
 
 from . import _lifetime, _reaper
+from ._lifetime import this_pid
 from .errors import (
     AllocationError,
     BlockExistsError,
@@ -279,7 +280,7 @@ class SharedBlock:
             except OSError as exc:
                 raise _exhausted(exc, f"create block {self.name!r}", size) or exc from None
             break
-        self._owner_pid = os.getpid()
+        self._owner_pid = this_pid()
         try:
             info = os.fstat(fd)
             self._hold = _lifetime.Hold(
@@ -428,7 +429,7 @@ class SharedBlock:
 
         shm = shared_memory.SharedMemory(name=name or new_name(), create=True, size=size)
         self._shm, self.name, self._view = shm, shm.name, shm.buf
-        self._owner_pid = os.getpid()
+        self._owner_pid = this_pid()
 
     def _attach_windows(self, name: str) -> None:  # pragma: no cover
         from multiprocessing import shared_memory
@@ -463,7 +464,7 @@ class SharedBlock:
     @property
     def created_here(self) -> bool:
         """Whether this process created the block (a forked child did not)."""
-        return self._owner_pid == os.getpid()
+        return self._owner_pid == this_pid()
 
     @property
     def hold(self) -> _lifetime.Hold:
@@ -601,7 +602,7 @@ def _check_still_named(name: str, info: os.stat_result) -> None:
 
 def unlink_created_at_exit() -> None:
     """Platforms without OFD locks: unlink what this process created (the old rule)."""
-    pid = os.getpid()
+    pid = this_pid()
     for name, creator in list(_created_here.items()):
         if creator == pid:
             with contextlib.suppress(OSError):

@@ -33,7 +33,6 @@ other architectures, it reads under the lock); see :meth:`SharedDict._fetch`.
 from __future__ import annotations
 
 import operator
-import os
 import pickle
 import platform
 import re
@@ -59,6 +58,7 @@ from ._heap import Heap, heap_overhead
 from ._identity import check_same_shm, shm_identity
 from ._journal import Journal
 from ._keys import encode_key
+from ._lifetime import this_pid
 from ._lock import BlockLock
 from ._table import (
     COUNT,
@@ -294,7 +294,7 @@ class SharedDict(MutableMapping[Any, Any]):
             block.unlink()
             block.close()
             raise
-        self._owner_pid = os.getpid()
+        self._owner_pid = this_pid()
         return self
 
     @classmethod
@@ -740,7 +740,7 @@ class SharedDict(MutableMapping[Any, Any]):
             block = self._block
             return {
                 "name": self.name,
-                "is_owner": bool(block is not None and self._owner_pid == os.getpid()),
+                "is_owner": bool(block is not None and self._owner_pid == this_pid()),
                 "used_slots": count,
                 "max_items": self.max_items,
                 "load_factor": count / self.max_items,
@@ -799,7 +799,7 @@ class SharedDict(MutableMapping[Any, Any]):
         self._table.release()
         self._buf.release()
         self._release_lock()
-        owner, self._owner_pid = self._owner_pid == os.getpid(), 0
+        owner, self._owner_pid = self._owner_pid == this_pid(), 0
         if owner:
             block.unlink()  # an explicit end: the name goes now
             block.hold.drop_owner()
@@ -844,7 +844,7 @@ class SharedDict(MutableMapping[Any, Any]):
             if words is not None:
                 words.unpickled()
         if block.hold.take_owner():
-            self._owner_pid = os.getpid()
+            self._owner_pid = this_pid()
 
     def __repr__(self) -> str:
         if self._block is None:

@@ -73,6 +73,7 @@ __all__ = [
     "LifetimeWords",
     "holds_of_this_process",
     "let_go_all",
+    "this_pid",
 ]
 
 try:
@@ -160,6 +161,23 @@ def hold_shared(fd: int, *, wait: bool) -> bool:
     return True
 
 
+_pid = os.getpid()
+
+
+def this_pid() -> int:
+    """``os.getpid()``, cached (glibc makes every call a system call), refreshed after fork."""
+    return _pid
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_refresh_pid)
+
+
 class LifetimeWords:
     """The lifetime words of one v2 block, read and changed through a mapping under COUNTER."""
 
@@ -228,27 +246,48 @@ class Hold:
         self.name = name
         self.writable = writable
         self.dev, self.ino = dev, ino
-        self.pid = os.getpid()
+        self.pid = _pid
         self.owner = False
         with _registry_lock:
             _holds[id(self)] = self
 
     def take_owner(self) -> bool:
         """Become the block's owner if nobody is; ``True`` if this hold now owns it."""
-        if self.writable and self.fd >= 0 and try_lock(self.fd, OWNER, exclusive=True):
+        if (
+            not self.owner
+            and self.writable
+            and self.fd >= 0
+            and try_lock(self.fd, OWNER, exclusive=True)
+        ):
             self.owner = True
+            key = (self.dev, self.ino)
+            _owners_here[key] = _owners_here.get(key, 0) + 1
         return self.owner
 
     def drop_owner(self) -> None:
         """Stop owning the block (a no-op if this hold does not own it)."""
-        if self.owner and self.fd >= 0:
-            self.owner = False
-            with contextlib.suppress(OSError):
-                unlock(self.fd, OWNER)
+        if self.owner:
+            self._forget_owner()
+            if self.fd >= 0:
+                with contextlib.suppress(OSError):
+                    unlock(self.fd, OWNER)
+
+    def _forget_owner(self) -> None:
+        self.owner = False
+        key = (self.dev, self.ino)
+        count = _owners_here.get(key, 0) - 1
+        if count > 0:
+            _owners_here[key] = count
+        else:
+            _owners_here.pop(key, None)
 
     def owner_elsewhere(self) -> bool:
         """Whether another description (another handle or process) owns the block."""
-        return self.fd >= 0 and held_by_others(self.fd, OWNER)
+        if self.fd < 0:
+            return False
+        if _owners_here.get((self.dev, self.ino), 0) > self.owner:
+            return True  # another hold of this process owns it: no need to ask the kernel
+        return held_by_others(self.fd, OWNER)
 
     def others_hold(self) -> bool:
         """Whether any other description maps the block (this one not counted)."""
@@ -259,7 +298,8 @@ class Hold:
         with _registry_lock:
             _holds.pop(id(self), None)
             fd, self.fd = self.fd, -1
-        self.owner = False
+        if self.owner:
+            self._forget_owner()
         if fd >= 0:
             os.close(fd)
 
@@ -273,18 +313,20 @@ class Hold:
             return  # no /proc: keep sharing the parent's description
         os.close(old)
         self.pid = os.getpid()
-        self.owner = False
+        self.owner = False  # ownership does not fork (the table of owners was emptied)
         with contextlib.suppress(OSError):
             hold_shared(self.fd, wait=False)
 
 
 _holds: dict[int, Hold] = {}
 _registry_lock = threading.Lock()
+# (st_dev, st_ino) -> holds of this process that own that block.
+_owners_here: dict[tuple[int, int], int] = {}
 
 
 def holds_of_this_process() -> list[Hold]:
     """Every hold this process opened itself (not those a fork inherited), oldest first."""
-    pid = os.getpid()
+    pid = _pid
     with _registry_lock:
         return [hold for hold in _holds.values() if hold.pid == pid]
 
@@ -301,7 +343,8 @@ def let_go_all() -> set[str]:
         with contextlib.suppress(OSError):
             unlock(hold.fd, OWNER)
             unlock(hold.fd, HOLD)
-        hold.owner = False
+        if hold.owner:
+            hold._forget_owner()
     return names
 
 
@@ -316,6 +359,8 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
+    _owners_here.clear()
+    _refresh_pid()  # this hook may run before _refresh_pid's own
     for hold in list(_holds.values()):
         if hold.fd >= 0:
             hold._reopen_in_child()

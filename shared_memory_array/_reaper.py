@@ -434,7 +434,7 @@ class _ExitHook:
 
     def arm(self) -> None:
         """Make sure this process runs the hook at its exit (also a multiprocessing child)."""
-        pid = os.getpid()
+        pid = _lifetime.this_pid()
         if self._hooked_pid == pid:
             return
         with self._lock:
