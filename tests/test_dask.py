@@ -410,7 +410,24 @@ def test_sizeof_counts_a_handle_as_small() -> None:
 
 
 def test_worker_returns_a_shared_array_it_created(cluster: tuple[Any, list[str]]) -> None:
-    """A SharedArray created in a worker and returned stays valid in the caller."""
+    """20 SharedArrays created in workers and returned stay valid here, and go when closed."""
     client, workers = cluster
-    result = client.submit(_make, 1000, workers=[workers[0]], pure=False).result(TIMEOUT)
-    assert float(result.as_array().sum()) == 499500.0
+    futures = client.map(_make, [1000 + i for i in range(20)], workers=workers[:2], pure=False)
+    results = client.gather(futures)
+    del futures
+    for index, result in enumerate(results):
+        n = 1000 + index
+        assert float(result.as_array().sum()) == n * (n - 1) / 2
+    names = [result.name for result in results]
+    for result in results:
+        result.close()
+
+    def left() -> list[str]:
+        return [name for name in names if os.path.exists(os.path.join("/dev/shm", name))]
+
+    # The workers drop their own handles when the scheduler tells them the futures are
+    # gone (asynchronously): the last holder to let go unlinks each block.
+    deadline = time.monotonic() + TIMEOUT
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left()

@@ -165,6 +165,12 @@ def test_runtime_env_keeps_the_callers_settings() -> None:
 
 
 def test_task_returns_a_shared_array_it_created() -> None:
-    """A SharedArray created in a task and returned stays valid in the caller."""
-    result = _get(make.remote(1000))
-    assert float(result.as_array().sum()) == 499500.0
+    """20 SharedArrays created in tasks and returned stay valid here, and go when closed."""
+    results = _get([make.remote(1000 + i) for i in range(20)])
+    for index, result in enumerate(results):
+        n = 1000 + index
+        assert float(result.as_array().sum()) == n * (n - 1) / 2
+    names = [result.name for result in results]
+    for result in results:
+        result.close()
+    assert not [name for name in names if os.path.exists(os.path.join("/dev/shm", name))]
