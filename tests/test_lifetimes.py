@@ -292,60 +292,45 @@ def test_the_pool_empties_itself_two_seconds_after_the_last_write() -> None:
     assert _wait_until(lambda: not _exists(name), _codec.POOL_IDLE_SECONDS + 2.0)
 
 
-def test_a_handle_in_flight_is_waited_for_then_reaped_after_the_grace() -> None:
-    """A pickled handle of a dead owner keeps its block for the grace period, then it goes."""
-    pickle_path = HERE / f".inflight-{os.getpid()}.pkl"
-    env = {**os.environ, _reaper.GRACE_ENV: "2"}
-    try:
-        done = subprocess.run(
-            [sys.executable, str(CHILDREN), "pickle", str(pickle_path)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-            cwd=HERE,
-            env=env,
-        )
-        assert done.returncode == -signal.SIGKILL
-        name = done.stdout.strip()
-        judged = _reaper.judge(name)
-        assert judged.in_flight == 1
-        os.environ[_reaper.GRACE_ENV] = "2"
-        try:
-            assert name not in cleanup().cleaned  # in flight, within the grace: kept
-            with pickle_path.open("rb") as pickled:
-                landed = pickle.load(pickled)  # lands: in flight no more, and owns it
-            assert landed.owner
-            assert landed.as_array().tolist() == list(range(10))
-            landed.close()
-            assert not _exists(name)
-        finally:
-            del os.environ[_reaper.GRACE_ENV]
-    finally:
-        pickle_path.unlink(missing_ok=True)
+def _pickle_in_a_dying_child(pickle_path: Path) -> str:
+    """A child creates an array, pickles its handle to ``pickle_path`` and is SIGKILLed."""
+    done = subprocess.run(
+        [sys.executable, str(CHILDREN), "pickle", str(pickle_path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        cwd=HERE,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    return done.stdout.strip()
 
 
-def test_a_handle_that_never_lands_is_reaped_after_the_grace() -> None:
+def test_a_handle_in_flight_keeps_its_block_until_it_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pickled handle of a dead owner keeps its block within the grace; landing owns it."""
+    pickle_path = tmp_path / "in-flight.pkl"
+    name = _pickle_in_a_dying_child(pickle_path)
+    assert _reaper.judge(name).in_flight == 1
+    monkeypatch.setenv(_reaper.GRACE_ENV, "30")
+    assert name not in cleanup().cleaned  # in flight, within the grace: kept
+    with pickle_path.open("rb") as pickled:
+        landed = pickle.load(pickled)  # lands: in flight no more, and owns it
+    assert landed.owner
+    assert landed.as_array().tolist() == list(range(10))
+    landed.close()
+    assert not _exists(name)
+
+
+def test_a_handle_that_never_lands_is_reaped_after_the_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The grace is bounded: a pickle nobody loads does not keep its block for ever."""
-    pickle_path = HERE / f".lost-{os.getpid()}.pkl"
-    try:
-        done = subprocess.run(
-            [sys.executable, str(CHILDREN), "pickle", str(pickle_path)],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            check=False,
-            cwd=HERE,
-        )
-        name = done.stdout.strip()
-        os.environ[_reaper.GRACE_ENV] = "0.5"
-        try:
-            time.sleep(0.6)
-            assert name in cleanup().cleaned
-        finally:
-            del os.environ[_reaper.GRACE_ENV]
-    finally:
-        pickle_path.unlink(missing_ok=True)
+    name = _pickle_in_a_dying_child(tmp_path / "lost.pkl")
+    monkeypatch.setenv(_reaper.GRACE_ENV, "0.5")
+    time.sleep(0.6)
+    assert name in cleanup().cleaned
 
 
 @pytest.mark.skipif(
