@@ -334,12 +334,15 @@ class SharedArray(Generic[_ScalarT_co]):
     Generic in its scalar type like ``numpy.ndarray``: ``SharedArray.copy(x)``
     with ``x: NDArray[np.float32]`` is a ``SharedArray[np.float32]``.
 
-    The owner unlinks the block on :meth:`close` (or :meth:`unlink`, or on
-    leaving a ``with`` block), when the owner handle is garbage collected, and
-    at the latest when its process exits, like ``tempfile.NamedTemporaryFile``.
-    Views from :meth:`as_array` stay valid through all of these. With a
-    ``SharedMemoryManager``, the manager's shutdown also unlinks it. Handles
-    pickle as name and layout only and unpickle as non-owner attachments.
+    Lifetime (API.md section 0): the owner's :meth:`close` (or :meth:`unlink`,
+    or leaving a ``with`` block) unlinks the block at once. When the owner
+    handle is garbage collected or its process exits or is killed, the block
+    lives on while any process still maps it or a pickled handle of it is in
+    flight, then goes with the last of them. Views from :meth:`as_array` stay
+    valid through all of these. With a ``SharedMemoryManager``, the manager's
+    shutdown also unlinks it. Handles pickle as name, layout and identity only;
+    unpickled, a handle attaches, and owns the block if its owner has let go
+    (a worker's result).
 
     Examples
     --------

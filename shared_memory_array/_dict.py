@@ -782,10 +782,12 @@ class SharedDict(MutableMapping[Any, Any]):
     # -- lifetime ----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release this handle; idempotent. The creating process also unlinks the block.
+        """Release this handle; idempotent. The owner also unlinks the block, at once.
 
-        Other processes keep their mappings; no new process can attach after
-        the creator closed.
+        The owner is the creating handle, or an unpickled one whose owner had
+        let go. Other processes keep their mappings; no new process can attach after
+        the owner closed. A handle that is not the owner lets go: the dict goes
+        when the last process holding it does, if its owner has let go too.
         """
         block, self._block = self._block, None
         if block is None:

@@ -86,7 +86,7 @@ class BlockLock:
 
     @classmethod
     def for_block(cls, block: SharedBlock) -> BlockLock:
-        """Return this process's lock for ``block`` (opened with ``keep_fd=True``).
+        """Return this process's lock for ``block`` (a ``flock`` on a dup of its descriptor).
 
         Raises
         ------
