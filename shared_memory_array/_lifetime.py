@@ -319,7 +319,7 @@ class Hold:
 
 
 _holds: dict[int, Hold] = {}
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()  # re-entrant: garbage collection may close a hold inside
 # (st_dev, st_ino) -> holds of this process that own that block.
 _owners_here: dict[tuple[int, int], int] = {}
 
@@ -358,7 +358,7 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     global _registry_lock
-    _registry_lock = threading.Lock()
+    _registry_lock = threading.RLock()
     _owners_here.clear()
     _refresh_pid()  # this hook may run before _refresh_pid's own
     for hold in list(_holds.values()):

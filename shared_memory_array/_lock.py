@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["BlockLock"]
 
 _get_ident = threading.get_ident
-_registry_lock = threading.Lock()
+_registry_lock = threading.RLock()  # re-entrant: garbage collection may close a hold inside
 _registry: dict[tuple[int, int], BlockLock] = {}  # (st_dev, st_ino) of the block -> lock
 
 
@@ -213,7 +213,7 @@ class BlockLock:
 
 def _after_fork_in_child() -> None:
     global _registry_lock
-    _registry_lock = threading.Lock()
+    _registry_lock = threading.RLock()
     for lock in list(_registry.values()):
         lock._reopen_after_fork()
 

@@ -448,3 +448,27 @@ def test_an_unpickled_dict_whose_creator_let_go_becomes_the_owner() -> None:
     assert landed["k"] == "v"
     landed.close()
     assert not _exists(block_name)
+
+
+def test_garbage_collected_inside_the_registry_lock_does_not_deadlock() -> None:
+    """A handle in a reference cycle, collected while the hold or dict lock registry is locked."""
+    code = """
+import gc
+from shared_memory_array import SharedArray, SharedDict, _lifetime, _lock
+owner = SharedArray.allocate(10, "f8")
+d = SharedDict.create("gc_in_lock_%d" % __import__("os").getpid(), max_items=4, heap_size=4096)
+for registry_lock in (_lifetime._registry_lock, _lock._registry_lock):
+    cycle = [SharedArray.attach(owner.name), SharedDict.attach(d.name)]
+    cycle.append(cycle)
+    del cycle
+    with registry_lock:  # as if an allocation under the lock had triggered the collector
+        gc.collect()
+owner.close()
+d.close()
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
