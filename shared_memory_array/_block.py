@@ -192,7 +192,10 @@ _mapping_refs: dict[weakref.ref[mmap.mmap], _lifetime.Hold] = {}
 def _mapping_collected(ref: weakref.ref[mmap.mmap]) -> None:
     hold = _mapping_refs.pop(ref, None)
     if hold is not None:
-        _mapping_gone(hold)
+        # A weak-reference callback: it may run at any allocation, and at interpreter
+        # shutdown; an error here has no caller to go to (the reaper's next scan retries).
+        with contextlib.suppress(Exception):
+            _mapping_gone(hold)
 
 
 # Windows-only and platforms without OFD locks: what this process created, unlinked at exit.
