@@ -99,8 +99,6 @@ else:
 _HAVE_PWRITE = hasattr(os, "pwrite")
 _LINUX = sys.platform.startswith("linux")
 _HAVE_FALLOCATE = _LINUX and hasattr(os, "posix_fallocate")
-# File types that can carry a block's name in /dev/shm without being one.
-_NOT_A_BLOCK = {stat.S_IFIFO, stat.S_IFDIR, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK}
 # errno values meaning "this filesystem cannot preallocate": go on without it.
 _FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
 # errno values meaning "the system is out of something": an AllocationError.
@@ -237,9 +235,11 @@ class SharedBlock:
         *,
         name: str | None = None,
         populate: bool = False,
-        owner: bool = True,
     ) -> SharedBlock:
         """Create a new block of ``size`` bytes, zero-filled, readable by its owner only.
+
+        The new mapping holds the block and owns it (its OWNER lock, see
+        :mod:`._lifetime`) until :meth:`._lifetime.Hold.drop_owner` or until it goes.
 
         Parameters
         ----------
@@ -249,8 +249,6 @@ class SharedBlock:
             Exact name to use; a random name with :data:`PREFIX` when ``None``.
         populate
             Map every page now (``MAP_POPULATE``) so first writes take no page faults.
-        owner
-            Hold the block's OWNER lock (see :mod:`._lifetime`) until :meth:`drop_owner`.
 
         Raises
         ------
@@ -295,8 +293,7 @@ class SharedBlock:
             raise
         try:
             _lifetime.hold_shared(fd, wait=False)  # a new file: nobody else can hold it
-            if owner:
-                self._hold.take_owner()
+            self._hold.take_owner()
             self._reserve(size)
             self._map(size, populate=populate)
         except BaseException:
@@ -567,7 +564,7 @@ class SharedBlock:
 
 def _check_trusted(name: str, info: os.stat_result) -> None:
     """Refuse what is not a block, not this user's, writable by others, or sparse."""
-    if stat.S_IFMT(info.st_mode) in _NOT_A_BLOCK or not stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode):  # a FIFO, directory, device... named like a block
         raise BlockNotFoundError(name, f"{name!r} is not a shared-memory block")
     if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
         raise UntrustedBlockError(

@@ -172,7 +172,6 @@ POOL_IDLE_SECONDS: Final = 2.0
 """The pool is emptied this long after the writer's last write."""
 COLLECT_INTERVAL: Final = 0.5
 """How often the writer's collector frees blocks that other processes released."""
-_SHM_DIR: Final = "/dev/shm"
 
 _MODE_SHARED: Final = "s"
 _MODE_INLINE: Final = "i"
@@ -634,7 +633,7 @@ class _Written:
         """Whether the block's name still names this block (nobody unlinked or replaced it)."""
         hold = self.block.hold
         try:
-            info = os.stat(os.path.join(_SHM_DIR, self.block.name))
+            info = os.stat(os.path.join(_reaper.SHM_DIR, self.block.name))
         except FileNotFoundError:
             return False
         except OSError:

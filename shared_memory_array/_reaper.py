@@ -44,7 +44,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -60,7 +60,6 @@ __all__ = [
     "Judgement",
     "after_last_mapping",
     "grace_seconds",
-    "judge_all",
     "maybe_reap_all",
     "reap",
 ]
@@ -369,29 +368,15 @@ def block_names() -> list[str]:
         return []
 
 
-def judge_all(*, unlink: bool) -> Iterator[tuple[Judgement, OSError | None]]:
-    """Judge (and with ``unlink``, reap) every block of this library; gone ones left out."""
-    now = time.time()
-    for name in block_names():
-        try:
-            judgement = reap(name, now=now) if unlink else judge(name, now=now)
-        except OSError as exc:
-            yield judge(name, now=now), exc
-            continue
-        if judgement.verdict is not Verdict.GONE:
-            yield judgement, None
-
-
-def _reap_quietly(names: Iterator[str] | list[str] | set[str]) -> None:
+def _reap_quietly(names: Iterable[str]) -> None:
+    """Reap each of ``names``; a failure leaves that block to the next scan."""
     for name in names:
         with contextlib.suppress(OSError, ValueError):
             reap(name)
 
 
 def _reap_all_quietly() -> None:
-    with contextlib.suppress(OSError):
-        for _ in judge_all(unlink=True):
-            pass
+    _reap_quietly(block_names())
 
 
 _scan_lock = threading.Lock()

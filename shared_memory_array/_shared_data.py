@@ -23,18 +23,17 @@ from typing import Any, ClassVar, Literal
 
 from typing_extensions import Self
 
+from . import _reaper
 from ._block import SharedBlock, normalize_name
 from ._codec import create_block, pickle_out_of_band, read_block
 from .errors import BlockNotFoundError
 
 __all__ = ["SharedData"]
 
-_SHM_DIR = "/dev/shm"
-
 
 def _block_exists(name: str) -> bool:
-    if os.path.isdir(_SHM_DIR):
-        return os.path.exists(os.path.join(_SHM_DIR, name))
+    if os.path.isdir(_reaper.SHM_DIR):
+        return os.path.exists(os.path.join(_reaper.SHM_DIR, name))
     try:  # pragma: no cover - platforms without /dev/shm
         SharedBlock.attach(name).close()
     except BlockNotFoundError:  # pragma: no cover
