@@ -686,9 +686,7 @@ class _Writer:
             self._collect_released()
             entry = self._take_from_pool(layout.block_size)
             if entry is None:
-                block = create_block(pickled)
-                _, lifetime_offset = encoded_identity(bytes(block.buf[: layout.header_size]))
-                entry = _Written(block, 0, layout.header_size, lifetime_offset)
+                entry = _Written(create_block(pickled), 0, layout.header_size, 0)
             else:
                 try:
                     _store(entry.block, pickled, layout, entry.generation + 1)
@@ -701,13 +699,13 @@ class _Writer:
                         _lifetime.try_lock(entry.block.fileno(), _lifetime.HOLD, exclusive=False)
                 entry.generation += 1
                 entry.data_offset = layout.header_size
-                _, entry.lifetime_offset = encoded_identity(
-                    bytes(entry.block.buf[: layout.header_size])
-                )
+            # Both change with every rewrite: a new header has a new block id.
+            block_id, entry.lifetime_offset = encoded_identity(
+                bytes(entry.block.buf[: layout.header_size])
+            )
             name = entry.block.name
             self._live[name] = entry
             self._last_write = time.monotonic()
-            block_id, _ = encoded_identity(bytes(entry.block.buf[: layout.header_size]))
             self._start_collector()
         return _shared_token(name, entry.generation, block_id, identity)
 
