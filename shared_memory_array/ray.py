@@ -44,8 +44,7 @@ import time
 from typing import Any, Final, Literal, cast
 
 from . import _transport
-from ._identity import shm_identity
-from .errors import BlockNotFoundError
+from ._identity import check_same_shm, shm_identity
 
 __all__ = ["MODE_VARIABLE", "SETUP_HOOK", "install", "runtime_env"]
 
@@ -89,13 +88,9 @@ def _deserialize(state: tuple[Any, ...]) -> Any:
         rebuild, args = state[1]
         return rebuild(*args)
     _, identity, name, (rebuild, args) = state
-    if identity != shm_identity():
-        raise BlockNotFoundError(
-            name,
-            f"shared-memory block {name!r} lives on another host's /dev/shm "
-            "(or another mount namespace's): it cannot be attached here; "
-            f"install(mode='value') sends it by value",
-        )
+    # Checked here too, not only when the handle attaches: a token is rebuilt as a
+    # plain string, and would only fail later, when read.
+    check_same_shm(name, identity)
     return rebuild(*args)
 
 
