@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -217,10 +218,19 @@ def main() -> None:
     sizes = [10**7] if args.quick else [10**8] + ([] if args.skip_1gb else [10**9])
     repeats = 2 if args.quick else 5
     rows: list[Row] = []
+    missing = []
     if not args.no_dask:
-        bench_dask(sizes, repeats, rows)
+        if importlib.util.find_spec("distributed") is None:
+            missing.append("Dask (pip install '.[dask]')")
+        else:
+            bench_dask(sizes, repeats, rows)
     if not args.no_ray:
-        bench_ray(sizes, repeats, rows)
+        if importlib.util.find_spec("ray") is None:
+            missing.append("Ray (pip install '.[ray]')")
+        else:
+            bench_ray(sizes, repeats, rows)
+    for engine in missing:
+        print(f"{engine}: not installed, its rows left out")
     print(
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
         f"{os.cpu_count()} CPUs; median of {repeats}"
