@@ -39,7 +39,25 @@ class AllocationError(SharedArrayError, MemoryError):
         self.requested = requested
 
 
-class BlockNotFoundError(SharedArrayError, KeyError, FileNotFoundError):
+class _NamedBlockError(SharedArrayError):
+    """An error about one named block: keeps ``name`` and ``message``, shows the message.
+
+    ``str()`` is the message (``KeyError`` would quote it, ``OSError`` prefix an
+    errno), and the error pickles back whole (``OSError``'s own reduce would not
+    call this ``__init__``).
+    """
+
+    name: str
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.message))
+
+
+class BlockNotFoundError(_NamedBlockError, KeyError, FileNotFoundError):
     """No shared-memory block of that name exists (any more), or it is not reachable here.
 
     Also a :class:`FileNotFoundError`, like a missing file (and a :class:`KeyError`,
@@ -63,15 +81,8 @@ class BlockNotFoundError(SharedArrayError, KeyError, FileNotFoundError):
         self.strerror = self.message
         self.filename = name
 
-    def __str__(self) -> str:
-        # KeyError.__str__ would quote the whole message.
-        return self.message
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.name, self.message))
-
-
-class BlockExistsError(SharedArrayError, FileExistsError):
+class BlockExistsError(_NamedBlockError, FileExistsError):
     """A block of that name exists already (``create`` of a name in use).
 
     Parameters
@@ -85,14 +96,8 @@ class BlockExistsError(SharedArrayError, FileExistsError):
         self.message = message or f"shared-memory block {name!r} exists already"
         super().__init__(errno.EEXIST, self.message, name)
 
-    def __str__(self) -> str:
-        return self.message
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.name, self.message))
-
-
-class UntrustedBlockError(SharedArrayError, PermissionError):
+class UntrustedBlockError(_NamedBlockError, PermissionError):
     """The block belongs to another user, or others may write it: reading it is refused.
 
     Reading such a block could run that user's code (pickle) or trust a header
@@ -110,12 +115,6 @@ class UntrustedBlockError(SharedArrayError, PermissionError):
         self.name = name
         self.message = message
         super().__init__(errno.EPERM, message, name)
-
-    def __str__(self) -> str:
-        return self.message
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.name, self.message))
 
 
 class LayoutError(SharedArrayError, ValueError):
