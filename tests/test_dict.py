@@ -9,10 +9,11 @@ import pickle
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pytest
+from _children_dict import Point, Tagged
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -53,17 +54,6 @@ class Colour(enum.Enum):
 
 class Number(enum.IntEnum):
     ONE = 1
-
-
-class Point(NamedTuple):
-    x: int
-    y: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Tagged:
-    label: str
-    tags: frozenset[str]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
