@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import multiprocessing
 import os
 import pickle
@@ -95,8 +96,14 @@ def make_block(scope: set[str]) -> Iterator[MakeBlock]:
 
 @pytest.fixture
 def shielded(monkeypatch: pytest.MonkeyPatch) -> None:
-    """This process waits for no pickled handle (see the module docstring)."""
+    """This process waits for no pickled handle (see the module docstring).
+
+    Its own periodic scan is stopped too: with no grace it would reap a
+    test's orphan whenever a block-creating call of the test falls 5 s after
+    the last scan, so only the test's explicit ``cleanup()`` may judge.
+    """
     monkeypatch.setenv(_reaper.GRACE_ENV, "0")
+    monkeypatch.setattr(_reaper, "SCAN_INTERVAL", math.inf)
 
 
 @pytest.fixture
