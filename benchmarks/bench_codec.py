@@ -101,10 +101,10 @@ def bench_round_trips(cases: list[tuple[str, int, object]], repeat: int) -> None
         size = fmt_size(nbytes)
         table.add(label, size, "steady", fmt_time(baseline), fmt_time(ours), ratio(ours, baseline))
         # Cold: no block to reuse (the codec's pool emptied); pickle's heap trimmed.
-        ours = median_time(ours_fn, max(3, repeat // 2), _codec._writer.drop_all)
+        ours = median_time(ours_fn, max(3, repeat // 2), _codec.writer.drop_all)
         baseline = median_time(pickle_fn, max(3, repeat // 2), trim_heap)
         table.add(label, size, "cold", fmt_time(baseline), fmt_time(ours), ratio(ours, baseline))
-        _codec._writer.drop_all()
+        _codec.writer.drop_all()
     table.note(
         "steady: the transfer repeated (the codec reuses its released block); cold: a first "
         "transfer (new block; pickle's freed heap given back to the system first)."
@@ -153,7 +153,7 @@ def bench_worker(nbytes: int, repeat: int) -> None:
     table.add("the array through a multiprocessing.Queue", fmt_time(baseline), "-")
     table.add("a token through the same Queue (ours)", fmt_time(ours), ratio(ours, baseline))
     table.print()
-    _codec._writer.drop_all()
+    _codec.writer.drop_all()
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def _transfer(array: np.ndarray) -> tuple[float, int]:
 
 def _round(array: np.ndarray, *, after: bool, pause: float) -> list[tuple[float, int]]:
     """Three transfers from an empty pool: ``[(seconds, faults), ...]``."""
-    _codec._writer.drop_all()
+    _codec.writer.drop_all()
     _populate.wait_idle(30)
     with _variant(after):
         figures = []
@@ -84,7 +84,7 @@ def _round(array: np.ndarray, *, after: bool, pause: float) -> list[tuple[float,
             if index and pause:
                 time.sleep(pause)
             figures.append(_transfer(array))
-        _codec._writer.drop_all()
+        _codec.writer.drop_all()
         _populate.wait_idle(30)
     return figures
 

@@ -10,6 +10,7 @@ header), ``_heap`` (an allocator inside a block), then what users touch:
 from ._array import ManagedSharedMemoryArray as ManagedSharedMemoryArray
 from ._array import SharedArray as SharedArray
 from ._array import SharedMemoryArray as SharedMemoryArray
+from ._codec import Token as Token
 from ._codec import configure as configure
 from ._codec import read as read
 from ._codec import release as release
@@ -22,10 +23,10 @@ from ._registry import CleanupResult as CleanupResult
 from ._registry import cleanup as cleanup
 from ._registry import list_blocks as list_blocks
 from ._shared_data import SharedData as SharedData
-from ._token import Token as Token
 from .errors import AllocationError as AllocationError
 from .errors import BlockExistsError as BlockExistsError
 from .errors import BlockNotFoundError as BlockNotFoundError
+from .errors import ClosedError as ClosedError
 from .errors import LayoutError as LayoutError
 from .errors import SharedArrayError as SharedArrayError
 from .errors import UntrustedBlockError as UntrustedBlockError
@@ -38,6 +39,7 @@ __all__ = [
     "BlockInfo",
     "BlockNotFoundError",
     "CleanupResult",
+    "ClosedError",
     "LayoutError",
     "ManagedSharedMemoryArray",
     "SharedArray",

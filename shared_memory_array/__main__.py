@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ._header import Header, HeaderFlags
+from ._platform import backend
 from ._reaper import Judgement, Verdict
 from ._registry import GRACE_PERIOD, BlockInfo, _describe, cleanup, list_blocks
 from .errors import SharedArrayError
@@ -73,15 +74,8 @@ def _flag_names(flags: HeaderFlags) -> list[str]:
 
 
 def _boot_time() -> float | None:
-    """Seconds since the epoch at which this machine booted (``btime`` of /proc/stat)."""
-    try:
-        with open("/proc/stat", "rb") as stat:
-            for line in stat:
-                if line.startswith(b"btime "):
-                    return float(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+    """Seconds since the epoch at which this machine booted, where the platform tells."""
+    return backend.boot_time()
 
 
 def started_at(ticks: int) -> float | None:
@@ -93,7 +87,7 @@ def started_at(ticks: int) -> float | None:
     boot = _boot_time()
     if not ticks or boot is None or not hasattr(os, "sysconf"):
         return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return boot + ticks / backend.clock_ticks()
 
 
 def _utf8(name: str) -> bool:

@@ -32,30 +32,38 @@ from __future__ import annotations
 
 import math
 import operator
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import managers
 from multiprocessing.managers import BaseManager, SharedMemoryManager
 from types import TracebackType
-from typing import Any, Final, Generic, Literal, Protocol, SupportsIndex, TypeAlias, overload
+from typing import (
+    Any,
+    ClassVar,
+    Final,
+    Generic,
+    Literal,
+    Protocol,
+    SupportsIndex,
+    TypeAlias,
+    overload,
+)
 
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 from typing_extensions import Self, TypeVar
 
-from ._block import SharedBlock, unlink_block
+from ._block import SharedBlock, new_name
+from ._handle import BlockHandle
 from ._header import (
     BlockKind,
     Header,
     HeaderFlags,
+    descr_text,
     encode_header,
-    encoded_identity,
-    parse_header,
+    header_size_for,
 )
-from ._identity import check_same_shm, shm_identity
-from ._lifetime import Hold, this_pid
-from .errors import BlockNotFoundError, LayoutError
+from .errors import LayoutError
 
 __all__ = [
     "ArrayLayout",
@@ -186,8 +194,8 @@ class ArrayLayout:
         """``"F"`` for Fortran order, else ``"C"``."""
         return "F" if self.fortran_order else "C"
 
-    def header(self) -> bytes:
-        """Encode the block header for this layout."""
+    def header(self, name: str = "") -> bytes:
+        """Encode the block header for this layout (``name``: the block's name)."""
         flags = HeaderFlags.READY | (HeaderFlags.F_ORDER if self.fortran_order else 0)
         return encode_header(
             BlockKind.ARRAY,
@@ -196,6 +204,7 @@ class ArrayLayout:
             strides=self.strides,
             nbytes=self.nbytes,
             flags=HeaderFlags(flags),
+            name=name,
         )
 
     @classmethod
@@ -256,17 +265,6 @@ def _release_from_manager(manager: SharedMemoryManager, name: str) -> bool:
     return True
 
 
-def _let_go(hold: Hold, creator_pid: int) -> None:
-    """An owner handle was garbage collected: stop owning (run by ``weakref.finalize``).
-
-    An implicit end: the block is not unlinked here. It goes when nobody holds
-    it and no pickled handle of it is in flight (see :mod:`._reaper`), which the
-    mapping's own finalizer checks when this process's last view of it goes.
-    """
-    if this_pid() == creator_pid:  # a forked child's copy owns nothing
-        hold.drop_owner()
-
-
 def _leading_manager(
     method: str, first: Any, names: tuple[str, ...], *rest: Any
 ) -> tuple[SharedMemoryManager | None, tuple[Any, ...]]:
@@ -320,7 +318,7 @@ def _default_dtype(dtype: Any) -> Any:
     return np.float64 if dtype is _UNSET else dtype
 
 
-class SharedArray(Generic[_ScalarT_co]):
+class SharedArray(BlockHandle, Generic[_ScalarT_co]):
     """A handle to one numpy array in a named shared-memory block.
 
     Create one with :meth:`allocate`, :meth:`allocate_like` or :meth:`copy`
@@ -354,51 +352,53 @@ class SharedArray(Generic[_ScalarT_co]):
     6.0
     """
 
+    KIND: ClassVar[BlockKind] = BlockKind.ARRAY
+    KIND_NAME: ClassVar[str] = "SharedArray"
+    CONSTRUCTORS: ClassVar[str] = "SharedArray.allocate(), .allocate_like(), .copy() or .attach()"
+
     # Class-level defaults so close() works after a failed constructor.
-    _block: SharedBlock | None = None
     _layout: ArrayLayout
     _data_offset: int = 0
-    _owner_pid: int = 0  # the pid in which this handle owns the block; 0: not an owner
     _manager: SharedMemoryManager | None = None
-    _name: str = ""
-    _block_id: bytes = b""
-    _lifetime_offset: int | None = None
-
-    def __init__(self) -> None:
-        raise TypeError(
-            "use SharedArray.allocate(), .allocate_like(), .copy() or .attach() for a SharedArray"
-        )
 
     # -- cores ---------------------------------------------------------------------------
 
     @classmethod
-    def _create(
-        cls, manager: SharedMemoryManager | None, layout: ArrayLayout, source: Any = None
+    def _new(
+        cls,
+        manager: SharedMemoryManager | None,
+        layout: ArrayLayout,
+        source: Any = None,
+        name: str | None = None,
     ) -> Self:
+        """Create the block for ``layout`` (and copy ``source`` in): every constructor's core."""
         _check_safe(layout)
-        header = layout.header()
-        # A source already in the block's order goes in by pwrite, without faulting the
-        # pages into this mapping; anything else is copied through a populated mapping.
+        # Generated names all have the length of new_name()'s.
+        data_offset = header_size_for(
+            ndim=len(layout.shape),
+            descr_len=len(descr_text(layout.dtype)),
+            name=name or new_name(),
+        )
+        # A source already in the block's order goes in by positional writes, without
+        # faulting the pages into this mapping; anything else is copied through a
+        # populated mapping.
         raw = _raw_bytes(source, layout) if source is not None else None
-        block = SharedBlock.create(len(header) + max(layout.nbytes, 1), populate=raw is None)
-        self = object.__new__(cls)
-        self._block, self._layout, self._name = block, layout, block.name
-        self._data_offset, self._owner_pid = len(header), this_pid()
-        self._block_id, self._lifetime_offset = encoded_identity(header)
-        try:
-            block.buf[: len(header)] = header
+        size = data_offset + max(layout.nbytes, 1)
+        # Populated unless every byte is written below (a page never written would count as
+        # a hole, see _handle): allocate's zeros are mapped in, and first writes take no fault.
+        self = cls._create(size, name=name, populate=raw is None)
+        with self._creating():
+            block = self._live_block()
+            header = layout.header(block.name)
+            self._layout, self._data_offset = layout, len(header)
             if raw is not None:
                 block.write_at(len(header), raw)
             elif source is not None:
                 np.copyto(self.as_array(), source, casting="no")
+            self._publish(header)  # last: an attaching process waits for the header
             if manager is not None:
                 _track_in_manager(manager, block.name)
                 self._manager = manager
-            weakref.finalize(self, _let_go, block.hold, self._owner_pid)
-        except BaseException:
-            block.unlink()
-            self.close()
-            raise
         return self
 
     @classmethod
@@ -410,28 +410,22 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: np.dtype[Any] | None = None,
         fortran_order: bool | None = None,
         verify_checksum: bool = True,
+        private: bool = False,
+        identity: str | None = None,
         block_id: bytes | None = None,
     ) -> Self:
-        """Map block ``name``, parse its header, and compare whatever is not ``None``."""
-        block = SharedBlock.attach(name)
-        self = object.__new__(cls)
-        self._block, self._name = block, block.name
+        """Open block ``name`` as an array and compare whatever is not ``None`` with its header."""
+        self = cls._open(
+            name,
+            private=private,
+            identity=identity,
+            block_id=block_id,
+            verify_checksum=verify_checksum,
+        )
         try:
-            header = parse_header(
-                block.header_bytes(),  # pread: the mapping stays untouched until as_array()
-                expected_kind=BlockKind.ARRAY,
-                name=block.name,
-                verify_checksum=verify_checksum,
-                block_size=block.size,
-            )
-            if block_id is not None and header.block_id != block_id:
-                raise BlockNotFoundError(
-                    block.name,
-                    f"block {block.name!r} is not the block this handle was made for "
-                    "(the name was reused by another block)",
-                )
-            self._block_id = header.block_id
-            layout = self._layout = ArrayLayout.from_header(header, block.name)
+            header = self._header
+            assert header is not None
+            layout = self._layout = ArrayLayout.from_header(header, self._name)
             self._data_offset = header.data_offset
             if (
                 (shape is not None and shape != layout.shape)
@@ -439,28 +433,45 @@ class SharedArray(Generic[_ScalarT_co]):
                 or (fortran_order is not None and fortran_order != layout.fortran_order)
             ):
                 raise LayoutError(
-                    f"block {block.name!r} holds shape {layout.shape}, dtype {layout.dtype}, "
+                    f"block {self._name!r} holds shape {layout.shape}, dtype {layout.dtype}, "
                     f"order {layout.order}; the caller expected shape "
                     f"{layout.shape if shape is None else shape}, dtype "
                     f"{layout.dtype if dtype is None else dtype}"
                 )
-            self._lifetime_offset = header.lifetime_offset
         except BaseException:
             self.close()
             raise
         return self
 
-    def _landed(self) -> None:
-        """This handle was unpickled: one handle less in flight; own the block if nobody does."""
-        block = self._block
-        assert block is not None
-        offset = self._lifetime_offset
-        words = None if offset is None else block.lifetime_words(offset)
-        if words is not None:
-            words.unpickled()
-        if block.hold.take_owner():
-            self._owner_pid = this_pid()
-            weakref.finalize(self, _let_go, block.hold, self._owner_pid)
+    def _pickle_state(self) -> tuple[Any, ...]:
+        layout = self._layout
+        private = self._block is not None and self._block.private
+        return (self._name, layout.shape, layout.dtype, layout.fortran_order, private)
+
+    @classmethod
+    def _open_from_state(
+        cls, state: tuple[Any, ...], identity: str | None, block_id: bytes | None
+    ) -> Self:
+        name, shape, dtype, fortran_order, private = state
+        return cls._attach(
+            name,
+            shape=shape,
+            dtype=dtype,
+            fortran_order=fortran_order,
+            private=private,
+            identity=identity,
+            block_id=block_id,
+        )
+
+    def _restore_unreachable(self, state: tuple[Any, ...]) -> None:
+        name, shape, dtype, fortran_order, _ = state
+        self._name = name
+        self._layout = ArrayLayout(tuple(shape), np.dtype(dtype), bool(fortran_order))
+
+    def _unlink_name(self, block: SharedBlock) -> None:
+        manager, self._manager = self._manager, None
+        if manager is None or not _release_from_manager(manager, block.name):
+            block.unlink()
 
     # -- constructors ----------------------------------------------------------------------
     #
@@ -479,6 +490,7 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: _DTypeOf[_ScalarT],
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
@@ -489,6 +501,7 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: None = None,
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[np.float64]: ...
     @overload
     @classmethod
@@ -499,21 +512,32 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: DTypeLike,
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[Any]: ...
     @overload
     @classmethod
     def allocate(
-        cls, shape: ShapeLike, dtype: _DTypeOf[_ScalarT], *, order: OrderLike = "C"
+        cls,
+        shape: ShapeLike,
+        dtype: _DTypeOf[_ScalarT],
+        *,
+        order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
     def allocate(
-        cls, shape: ShapeLike, dtype: None = None, *, order: OrderLike = "C"
+        cls,
+        shape: ShapeLike,
+        dtype: None = None,
+        *,
+        order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[np.float64]: ...
     @overload
     @classmethod
     def allocate(
-        cls, shape: ShapeLike, dtype: DTypeLike, *, order: OrderLike = "C"
+        cls, shape: ShapeLike, dtype: DTypeLike, *, order: OrderLike = "C", name: str | None = None
     ) -> SharedArray[Any]: ...
     @classmethod  # type: ignore[misc]
     def allocate(
@@ -523,6 +547,7 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: Any = _UNSET,
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[Any]:
         """Create a zero-filled shared array.
 
@@ -562,7 +587,7 @@ class SharedArray(Generic[_ScalarT_co]):
         )
         if shape is _UNSET or shape is None:
             raise TypeError("allocate() needs a shape")
-        return cls._create(manager, ArrayLayout.parse(shape, _default_dtype(dtype), order))
+        return cls._new(manager, ArrayLayout.parse(shape, _default_dtype(dtype), order), name=name)
 
     @overload
     @classmethod
@@ -573,6 +598,7 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: _DTypeOf[_ScalarT],
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
@@ -583,6 +609,7 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: None = None,
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[np.float64]: ...
     @overload
     @classmethod
@@ -593,21 +620,32 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: DTypeLike,
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[Any]: ...
     @overload
     @classmethod
     def allocate_unsafe(
-        cls, shape: ShapeLike, dtype: _DTypeOf[_ScalarT], *, order: OrderLike = "C"
+        cls,
+        shape: ShapeLike,
+        dtype: _DTypeOf[_ScalarT],
+        *,
+        order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
     def allocate_unsafe(
-        cls, shape: ShapeLike, dtype: None = None, *, order: OrderLike = "C"
+        cls,
+        shape: ShapeLike,
+        dtype: None = None,
+        *,
+        order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[np.float64]: ...
     @overload
     @classmethod
     def allocate_unsafe(
-        cls, shape: ShapeLike, dtype: DTypeLike, *, order: OrderLike = "C"
+        cls, shape: ShapeLike, dtype: DTypeLike, *, order: OrderLike = "C", name: str | None = None
     ) -> SharedArray[Any]: ...
     @classmethod  # type: ignore[misc]
     def allocate_unsafe(
@@ -617,6 +655,7 @@ class SharedArray(Generic[_ScalarT_co]):
         dtype: Any = _UNSET,
         *,
         order: OrderLike = "C",
+        name: str | None = None,
     ) -> SharedArray[Any]:
         """:meth:`allocate` without argument validation; the caller guarantees them.
 
@@ -630,26 +669,34 @@ class SharedArray(Generic[_ScalarT_co]):
             raise TypeError("allocate_unsafe() needs a shape")
         dims = (shape,) if isinstance(shape, int) else tuple(shape)
         layout = ArrayLayout(dims, np.dtype(_default_dtype(dtype)), order in ("F", "f"))
-        return cls._create(manager, layout)
+        return cls._new(manager, layout, name=name)
 
     @overload
     @classmethod
     def allocate_like(
-        cls, manager: SharedMemoryManager | None, template: _ArrayOf[_ScalarT]
+        cls,
+        manager: SharedMemoryManager | None,
+        template: _ArrayOf[_ScalarT],
+        *,
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
     def allocate_like(
-        cls, manager: SharedMemoryManager | None, template: ArrayLike
+        cls, manager: SharedMemoryManager | None, template: ArrayLike, *, name: str | None = None
     ) -> SharedArray[Any]: ...
     @overload
     @classmethod
-    def allocate_like(cls, template: _ArrayOf[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    def allocate_like(
+        cls, template: _ArrayOf[_ScalarT], *, name: str | None = None
+    ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
-    def allocate_like(cls, template: ArrayLike) -> SharedArray[Any]: ...
+    def allocate_like(cls, template: ArrayLike, *, name: str | None = None) -> SharedArray[Any]: ...
     @classmethod  # type: ignore[misc]
-    def allocate_like(cls, manager: Any = None, template: Any = _UNSET) -> SharedArray[Any]:
+    def allocate_like(
+        cls, manager: Any = None, template: Any = _UNSET, *, name: str | None = None
+    ) -> SharedArray[Any]:
         """Create a zero-filled shared array with the shape, dtype and order of ``template``.
 
         ``allocate_like(manager, template)`` or ``allocate_like(template)``.
@@ -658,45 +705,64 @@ class SharedArray(Generic[_ScalarT_co]):
         if template is _UNSET:
             raise TypeError("allocate_like() needs a template")
         template = np.asarray(template)
-        return cls._create(
+        return cls._new(
             manager,
             ArrayLayout.parse(template.shape, template.dtype, ArrayLayout.of(template).order),
+            name=name,
         )
 
     @overload
     @classmethod
     def allocate_like_unsafe(
-        cls, manager: SharedMemoryManager | None, template: NDArray[_ScalarT]
+        cls,
+        manager: SharedMemoryManager | None,
+        template: NDArray[_ScalarT],
+        *,
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
-    def allocate_like_unsafe(cls, template: NDArray[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    def allocate_like_unsafe(
+        cls, template: NDArray[_ScalarT], *, name: str | None = None
+    ) -> SharedArray[_ScalarT]: ...
     @classmethod  # type: ignore[misc]
-    def allocate_like_unsafe(cls, manager: Any = None, template: Any = _UNSET) -> SharedArray[Any]:
+    def allocate_like_unsafe(
+        cls, manager: Any = None, template: Any = _UNSET, *, name: str | None = None
+    ) -> SharedArray[Any]:
         """:meth:`allocate_like` without validation; ``template`` must be an ndarray."""
         manager, (template,) = _leading_manager(
             "allocate_like_unsafe", manager, ("template",), template
         )
         if template is _UNSET:
             raise TypeError("allocate_like_unsafe() needs a template")
-        return cls._create(manager, ArrayLayout.of(template))
+        return cls._new(manager, ArrayLayout.of(template), name=name)
 
     @overload
     @classmethod
     def copy(
-        cls, manager: SharedMemoryManager | None, array: _ArrayOf[_ScalarT]
+        cls,
+        manager: SharedMemoryManager | None,
+        array: _ArrayOf[_ScalarT],
+        *,
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
-    def copy(cls, manager: SharedMemoryManager | None, array: ArrayLike) -> SharedArray[Any]: ...
+    def copy(
+        cls, manager: SharedMemoryManager | None, array: ArrayLike, *, name: str | None = None
+    ) -> SharedArray[Any]: ...
     @overload
     @classmethod
-    def copy(cls, array: _ArrayOf[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    def copy(
+        cls, array: _ArrayOf[_ScalarT], *, name: str | None = None
+    ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
-    def copy(cls, array: ArrayLike) -> SharedArray[Any]: ...
+    def copy(cls, array: ArrayLike, *, name: str | None = None) -> SharedArray[Any]: ...
     @classmethod  # type: ignore[misc]
-    def copy(cls, manager: Any = None, array: Any = _UNSET) -> SharedArray[Any]:
+    def copy(
+        cls, manager: Any = None, array: Any = _UNSET, *, name: str | None = None
+    ) -> SharedArray[Any]:
         """Create a shared array holding a copy of ``array`` (any array-like).
 
         ``copy(manager, array)`` or ``copy(array)``. An F-contiguous source
@@ -715,38 +781,61 @@ class SharedArray(Generic[_ScalarT_co]):
             raise TypeError("copy() needs an array")
         source = np.asarray(array)
         layout = ArrayLayout.parse(source.shape, source.dtype, ArrayLayout.of(source).order)
-        return cls._create(manager, layout, source)
+        return cls._new(manager, layout, source, name=name)
 
     @overload
     @classmethod
     def copy_unsafe(
-        cls, manager: SharedMemoryManager | None, array: NDArray[_ScalarT]
+        cls,
+        manager: SharedMemoryManager | None,
+        array: NDArray[_ScalarT],
+        *,
+        name: str | None = None,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
-    def copy_unsafe(cls, array: NDArray[_ScalarT]) -> SharedArray[_ScalarT]: ...
+    def copy_unsafe(
+        cls, array: NDArray[_ScalarT], *, name: str | None = None
+    ) -> SharedArray[_ScalarT]: ...
     @classmethod  # type: ignore[misc]
-    def copy_unsafe(cls, manager: Any = None, array: Any = _UNSET) -> SharedArray[Any]:
+    def copy_unsafe(
+        cls, manager: Any = None, array: Any = _UNSET, *, name: str | None = None
+    ) -> SharedArray[Any]:
         """:meth:`copy` without validation; ``array`` must be an object-free ndarray."""
         manager, (array,) = _leading_manager("copy_unsafe", manager, ("array",), array)
         if array is _UNSET:
             raise TypeError("copy_unsafe() needs an array")
-        return cls._create(manager, ArrayLayout.of(array), array)
+        return cls._new(manager, ArrayLayout.of(array), array, name=name)
 
     @overload
     @classmethod
     def attach(
-        cls, name: str, shape: ShapeLike | None, dtype: _DTypeOf[_ScalarT]
+        cls,
+        name: str,
+        shape: ShapeLike | None,
+        dtype: _DTypeOf[_ScalarT],
+        *,
+        private: bool = False,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
     def attach(
-        cls, name: str, shape: ShapeLike | None = None, *, dtype: _DTypeOf[_ScalarT]
+        cls,
+        name: str,
+        shape: ShapeLike | None = None,
+        *,
+        dtype: _DTypeOf[_ScalarT],
+        private: bool = False,
     ) -> SharedArray[_ScalarT]: ...
     @overload
     @classmethod
     def attach(
-        cls, name: str, shape: ShapeLike | None = None, dtype: DTypeLike | None = None
+        cls,
+        name: str,
+        shape: ShapeLike | None = None,
+        dtype: DTypeLike | None = None,
+        *,
+        private: bool = False,
     ) -> SharedArray[Any]: ...
     @classmethod
     def attach(
@@ -754,16 +843,31 @@ class SharedArray(Generic[_ScalarT_co]):
         name: str,
         shape: ShapeLike | None = None,
         dtype: DTypeLike | None = None,
+        *,
+        private: bool = False,
     ) -> SharedArray[Any]:
         """Attach to an existing shared array by name; this handle does not own it.
 
         Shape and dtype are read from the block's header. When given, they are
         checked against it (so a ``dtype`` given here also types the result).
 
+        Parameters
+        ----------
+        name
+            The block's name (as ``sa.name`` gives it, or as given to ``name=``).
+        shape, dtype
+            Optional: compared with the header.
+        private
+            Map copy-on-write: the view is writable, its writes stay in this
+            process (a page is copied when first written) and are never seen
+            by others; pages nobody writes are shared, not copied.
+
         Raises
         ------
         BlockNotFoundError
             No block of that name exists.
+        UntrustedBlockError
+            The block belongs to another user, or others may write it.
         LayoutError
             The header is corrupt, belongs to another kind of block, or
             contradicts ``shape`` / ``dtype``.
@@ -772,6 +876,7 @@ class SharedArray(Generic[_ScalarT_co]):
             name,
             shape=None if shape is None else parse_shape(shape),
             dtype=None if dtype is None else parse_dtype(dtype),
+            private=private,
         )
 
     @classmethod
@@ -780,13 +885,15 @@ class SharedArray(Generic[_ScalarT_co]):
         name: str,
         shape: ShapeLike | None = None,
         dtype: DTypeLike | None = None,
+        *,
+        private: bool = False,
     ) -> SharedArray[Any]:
         """:meth:`attach` without comparing ``shape``/``dtype`` and without the header CRC.
 
         The header's bounds are still checked, so a bad block raises
         :class:`LayoutError` rather than crashing.
         """
-        return cls._attach(name, verify_checksum=False)
+        return cls._attach(name, verify_checksum=False, private=private)
 
     # -- instance API ----------------------------------------------------------------------
 
@@ -798,12 +905,13 @@ class SharedArray(Generic[_ScalarT_co]):
 
         Raises
         ------
-        ValueError
+        ClosedError
             This handle is closed.
+        BlockNotFoundError, UntrustedBlockError, LayoutError
+            This handle was unpickled where its block cannot be reached (the
+            reason is the error's message).
         """
-        block = self._block
-        if block is None or block.closed:
-            raise ValueError(f"SharedArray {self._name!r} is closed")
+        block = self._live_block()
         layout = self._layout
         # frombuffer holds a buffer export of the mapping, which is what keeps it alive
         # (np.ndarray(buffer=...) would not, and would crash after close()).
@@ -814,11 +922,6 @@ class SharedArray(Generic[_ScalarT_co]):
             offset=self._data_offset,
         )
         return flat.reshape(layout.shape, order=layout.order)
-
-    @property
-    def name(self) -> str:
-        """Block name (no leading slash): pass it to :meth:`attach` in another process."""
-        return self._name
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -850,82 +953,12 @@ class SharedArray(Generic[_ScalarT_co]):
         """Number of elements."""
         return math.prod(self._layout.shape)
 
-    @property
-    def owner(self) -> bool:
-        """Whether this handle owns (and will unlink) the block, in this process."""
-        return self._owner_pid == this_pid() and self._block is not None
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._block is None
-
-    def unlink(self) -> None:
-        """Remove the block's name now (owner or not); idempotent.
-
-        Existing mappings and views stay valid; no process can attach afterwards.
-        """
-        manager, self._manager = self._manager, None
-        if manager is None or not _release_from_manager(manager, self._name):
-            unlink_block(self._name)
-
-    def close(self) -> None:
-        """Release this handle; the owner also unlinks the block. Idempotent.
-
-        Views returned by :meth:`as_array` stay valid.
-        """
-        if self.owner:
-            self.unlink()
-        block, self._block = self._block, None
-        if block is not None:
-            if self._owner_pid == this_pid():
-                block.hold.drop_owner()
-            block.close()
-        self._owner_pid = 0
-
     def managed(self) -> ManagedSharedMemoryArray[_ScalarT_co]:
         """A context manager yielding this handle and closing it on exit.
 
         See :class:`ManagedSharedMemoryArray`.
         """
         return ManagedSharedMemoryArray(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle as name, layout and identity only; never the data.
-
-        The pickle counts as a handle in flight until it is unpickled (see
-        :mod:`._reaper`), so the block outlives this handle for as long as the
-        receiver may still need it. Unpickled, it is an attachment that becomes
-        the owner if the block has none any more (a worker's result).
-        """
-        layout = self._layout
-        block = self._block
-        if block is not None and not block.closed and self._lifetime_offset is not None:
-            words = block.lifetime_words(self._lifetime_offset)
-            if words is not None:
-                words.pickled()
-        return (
-            _unpickle,
-            (
-                self._name,
-                layout.shape,
-                layout.dtype,
-                layout.fortran_order,
-                self._block_id,
-                shm_identity(),
-            ),
-        )
 
     # -- numpy protocol: the same zero-copy view as as_array() ----------------------------
 
@@ -979,7 +1012,10 @@ class SharedArray(Generic[_ScalarT_co]):
         return iter(self.as_array())
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else ("owner" if self.owner else "attached")
+        if self._unreachable is not None and not self.closed:
+            state = "unreachable"
+        else:
+            state = "closed" if self.closed else ("owner" if self.owner else "attached")
         return (
             f"<SharedArray {self._name!r} shape={self._layout.shape} "
             f"dtype={self._layout.dtype} order={self._layout.order} {state}>"
@@ -1049,26 +1085,6 @@ class ManagedSharedMemoryArray(Generic[_ScalarT_co]):
 
     def __repr__(self) -> str:
         return f"<ManagedSharedMemoryArray {self._array!r}>"
-
-
-def _unpickle(
-    name: str,
-    shape: tuple[int, ...],
-    dtype: np.dtype[Any],
-    fortran_order: bool,
-    block_id: bytes = b"",
-    identity: str | None = None,
-) -> SharedArray:
-    check_same_shm(name, identity)
-    handle = SharedArray._attach(
-        name,
-        shape=shape,
-        dtype=dtype,
-        fortran_order=fortran_order,
-        block_id=block_id or None,
-    )
-    handle._landed()
-    return handle
 
 
 SharedMemoryArray = SharedArray

@@ -1,115 +1,81 @@
-"""Named shared-memory blocks: create, attach, close, unlink.
+"""Named shared-memory blocks: create, open, map, close, unlink.
 
-This is the bottom layer. A :class:`SharedBlock` is one process's mapping of
-one named POSIX shared-memory object; it knows nothing of headers or arrays.
+This is the layer above the platform's: a :class:`SharedBlock` is one process's
+mapping of one named block, with the lifetime locks it holds (a
+:class:`~._lifetime.Hold`). It knows nothing of headers; the handle layer
+(:mod:`._handle`) reads and checks those between :meth:`SharedBlock.open` and
+:meth:`SharedBlock.map`, before a page of the block is touched.
 
 Rules this module keeps, and why
 --------------------------------
-* **Names.** Generated names are ``sma_`` + 16 hex digits (21 characters with
-  the leading slash, under macOS's 31-character limit). Every block of this
-  library starts with :data:`PREFIX`, which is how ``list_blocks`` and
-  ``cleanup`` find them. Names are passed around without the leading slash.
-* **Creation** uses ``O_CREAT | O_EXCL`` and mode ``0600``: a name collision is
-  an error, never a silent attach, and only the owning user can open the block.
+* **Names.** Generated names are ``sma_`` + 16 hex digits (21 bytes with the
+  leading slash, under macOS's limit). Every block of this library starts
+  with :data:`PREFIX`, which is how ``list_blocks`` and ``cleanup`` find them.
+  Names are passed around without the leading slash; the platform maps a
+  name too long for the system to a short system name (:attr:`system_name`).
+* **Creation** is exclusive (``O_EXCL``) with mode ``0600``: a name collision
+  is an error, never a silent attach, and only the owning user can open it.
 * **No resource tracker.** ``multiprocessing.shared_memory.SharedMemory``
   registers every block it opens with the resource tracker, which on Python <
   3.13 unlinks it (and warns about a "leak") when *any* process that merely
-  attached exits. This module calls ``_posixshmem`` directly, so no tracker ever
-  hears of our blocks.
-* **Lifetimes are asked of the kernel** (:mod:`._lifetime`, :mod:`._reaper`):
-  every mapping keeps a descriptor holding a shared HOLD lock until the mapping
-  itself goes (after its last view); the creator also holds OWNER. When a
-  mapping goes and its block has no owner, the reaper unlinks it if nobody else
-  holds it; the first block-creating call of a process (then every few seconds)
-  and every normal exit reap what nobody holds. Kinds decide only when an end
-  is explicit (``unlink`` now).
-* **Only your own blocks.** ``attach`` refuses, on the descriptor it maps (not
-  on the name, which can change in between), a block of another user or one
-  that group or others may write (:class:`~shared_memory_array.UntrustedBlockError`),
-  and on Linux one whose pages are not all allocated (reading it could SIGBUS:
-  :class:`~shared_memory_array.LayoutError`). Symlinks, FIFOs and directories
-  named like blocks are not blocks (:class:`~shared_memory_array.BlockNotFoundError`).
-* **Exhaustion** of /dev/shm space or inodes, or of file descriptors, is an
-  :class:`~shared_memory_array.AllocationError`, never a raw ``OSError``.
-* **Reserve, don't overcommit.** On Linux the pages are reserved with
-  ``posix_fallocate`` at creation, so a block that does not fit in /dev/shm
-  fails at once with :class:`~shared_memory_array.AllocationError`, instead of
-  a SIGBUS later when a page is first touched.
+  attached exits. This module never uses it.
+* **Lifetimes are asked of the kernel** (:mod:`._lifetime`): every mapping
+  keeps a hold until the mapping itself goes (after its last view). When a
+  mapping goes and its block has no owner, the reaper (:mod:`._reaper`, which
+  registers itself here) unlinks it if nobody else holds it.
+* **Only your own blocks.** :meth:`SharedBlock.open` refuses, on the
+  descriptor it opened (not on the name, which can change in between), a block
+  of another user or one that group or others may write
+  (:class:`~shared_memory_array.UntrustedBlockError`), and entries that are not
+  blocks (symlinks, FIFOs, directories: :class:`~shared_memory_array.BlockNotFoundError`).
+  Trust is judged first, before anything else about the block.
+* **Know before allocating.** :meth:`SharedBlock.create` compares the request
+  with the free space of the shared-memory filesystem and the memory left to
+  the container (API.md section 5) and raises
+  :class:`~shared_memory_array.AllocationError` naming the limit.
+* **Reserve, don't overcommit.** Where the platform can, pages are reserved at
+  creation (``posix_fallocate``), so a block that does not fit fails at once,
+  instead of a SIGBUS when a page is first touched.
 * **Views keep their memory alive.** ``close()`` drops this handle's reference
   to the mapping and unmaps it only if nothing else exports its buffer; arrays
   and memoryviews handed out earlier keep the mapping (through their ``.base``
   chain) until the last of them is gone. Closing never invalidates a view.
-* **File descriptors.** One per mapping, kept until the mapping goes (its HOLD
-  lock lives on it); :meth:`SharedBlock.fileno` hands it out for ``pwrite`` and
-  ``flock``. On Python < 3.13 CPython's ``mmap`` keeps a private duplicate too
-  (same open file description, so the same locks); 3.13 is told not to
-  (``trackfd=False``).
-
-Platforms: Linux is tested. macOS uses the same POSIX calls without
-``posix_fallocate``. Windows falls back to ``SharedMemory`` (no tracker there);
-its blocks vanish with their last handle, and ``unlink`` is a no-op.
+* **Descriptors.** One per mapping, kept until the mapping goes (on Linux its
+  open file description carries the lifetime locks, and ``pread``/``pwrite``
+  use it). The mapping itself never shares that description (see
+  :meth:`._platform._common.Backend.map`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import mmap
 import os
 import re
 import secrets
-import stat
-import sys
 import weakref
+from collections.abc import Callable
 from typing import Final
 
-from . import _lifetime, _reaper
-from ._lifetime import this_pid
-from .errors import (
-    AllocationError,
-    BlockExistsError,
-    BlockNotFoundError,
-    LayoutError,
-    UntrustedBlockError,
-)
+from . import _lifetime
+from ._platform import PREFIX, backend, exhausted
+from .errors import AllocationError, BlockBusyError, BlockNotFoundError
 
 __all__ = [
     "GENERATED_NAME_PATTERN",
     "PREFIX",
     "SharedBlock",
+    "check_fits",
     "new_name",
     "normalize_name",
-    "pwrite_all",
     "unlink_block",
 ]
 
-PREFIX: Final = "sma_"
-MAX_NAME_LENGTH: Final = 250  # NAME_MAX (255) of /dev/shm, in bytes, less a margin
+MAX_NAME_LENGTH: Final = 250  # NAME_MAX (255) of a tmpfs, in bytes, less a margin
 _RANDOM_NAME_HEX: Final = 16
 GENERATED_NAME_PATTERN: Final = re.escape(PREFIX) + f"[0-9a-f]{{{_RANDOM_NAME_HEX}}}"
 """Regular expression matching exactly the names :func:`new_name` generates."""
-
-try:
-    import _posixshmem
-except ImportError:  # Windows
-    _HAVE_POSIX_SHM = False
-else:
-    _HAVE_POSIX_SHM = True
-
-_HAVE_PWRITE = hasattr(os, "pwrite")
-_LINUX = sys.platform.startswith("linux")
-_HAVE_FALLOCATE = _LINUX and hasattr(os, "posix_fallocate")
-# errno values meaning "this filesystem cannot preallocate": go on without it.
-_FALLOCATE_UNSUPPORTED = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
-# errno values meaning "the system is out of something": an AllocationError.
-_EXHAUSTED = {
-    errno.EMFILE: "this process has no file descriptor left",
-    errno.ENFILE: "the system has no file descriptor left",
-    errno.ENOSPC: "/dev/shm is full (space or inodes)",
-    errno.ENOMEM: "out of memory",
-}
-_UNTRUSTED_MODE_BITS = stat.S_IWGRP | stat.S_IWOTH
-_HEADER_READ = 4096  # bytes read at once for a header: every common header fits
+_HEADER_READ: Final = 4096  # bytes read at once for a header: every common header fits
 
 
 def normalize_name(name: object) -> str:
@@ -144,47 +110,68 @@ def new_name(prefix: str = PREFIX) -> str:
 
 def unlink_block(name: str) -> bool:
     """Unlink the block ``name``; return ``False`` if it was already gone."""
-    if not _HAVE_POSIX_SHM:
-        return False
-    try:
-        _posixshmem.shm_unlink("/" + normalize_name(name))
-    except FileNotFoundError:
-        return False
-    return True
+    return backend.unlink(backend.system_name(normalize_name(name)))
 
 
-def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of ``data`` to ``fd`` at ``offset`` (``pwrite`` may write less per call)."""
-    while data:
-        written = os.pwrite(fd, data, offset)  # Linux caps one call at about 2 GiB
-        data = data[written:]
-        offset += written
+def check_fits(size: int, what: str) -> None:
+    """Raise :class:`AllocationError` if ``size`` more bytes cannot fit (API.md section 5).
+
+    Compares with the free space of the shared-memory filesystem and, inside
+    a container, with the memory its cgroup has left (tmpfs pages are charged
+    to it: a block that passes the first check may still get the process
+    OOM-killed when its pages are touched).
+    """
+    limits = backend.limits()
+    if limits.free is not None and size > limits.free:
+        raise AllocationError(
+            f"cannot {what}: {size} bytes requested, but {limits.where} has only "
+            f"{limits.free} bytes free (of {limits.total})",
+            size,
+        )
+    if limits.memory_limit is not None and limits.memory_used is not None:
+        left = limits.memory_limit - limits.memory_used
+        if size > left:
+            raise AllocationError(
+                f"cannot {what}: {size} bytes requested, but the container's memory limit "
+                f"({limits.cgroup}: {limits.memory_limit} bytes, {limits.memory_used} used) "
+                f"leaves {max(0, left)} bytes; shared memory counts against it",
+                size,
+            )
 
 
-def _exhausted(exc: OSError, what: str, size: int | None = None) -> AllocationError | None:
-    """The AllocationError for an ``OSError`` that means a resource ran out, else ``None``."""
-    why = _EXHAUSTED.get(exc.errno or 0)
-    if why is None:
-        return None
-    error = AllocationError(f"cannot {what}: {why} ({exc.strerror})", size)
-    error.__cause__ = exc
-    return error
+class _Hooks:
+    """What the layers above register here (the reaper): this layer never imports them.
+
+    Attributes
+    ----------
+    before_create : list of callables
+        Run before a block is created (the periodic reap of orphans).
+    on_use : list of callables
+        Run when this process creates or opens a block (arming the exit hook).
+    after_last_mapping : list of callables
+        Run with a block's system name when a mapping goes and the block has no owner.
+    """
+
+    def __init__(self) -> None:
+        self.before_create: list[Callable[[], None]] = []
+        self.on_use: list[Callable[[], None]] = []
+        self.after_last_mapping: list[Callable[[str], None]] = []
+
+
+hooks = _Hooks()
+_mapping_refs: dict[weakref.ref[mmap.mmap], _lifetime.Hold] = {}
 
 
 def _mapping_gone(hold: _lifetime.Hold) -> None:
-    """The last view of a mapping went: close its descriptor; reap if the block has no owner."""
-    name = hold.name
+    """The last view of a mapping went: let go of its locks; reap if the block has no owner."""
     try:
-        hold.drop_owner()
-        ownerless = not hold.owner_elsewhere()
+        ownerless = hold.owner or not hold.owner_elsewhere()
         hold.close()
     except OSError:
         return
     if ownerless:
-        _reaper.after_last_mapping(name)
-
-
-_mapping_refs: dict[weakref.ref[mmap.mmap], _lifetime.Hold] = {}
+        for callback in hooks.after_last_mapping:
+            callback(hold.name)
 
 
 def _mapping_collected(ref: weakref.ref[mmap.mmap]) -> None:
@@ -196,37 +183,41 @@ def _mapping_collected(ref: weakref.ref[mmap.mmap]) -> None:
             _mapping_gone(hold)
 
 
-# Windows-only and platforms without OFD locks: what this process created, unlinked at exit.
-_created_here: dict[str, int] = {}
-
-
 class SharedBlock:
-    """One mapping of a named shared-memory block.
+    """One mapping of a named shared-memory block, and the lifetime locks it holds.
 
-    Use :meth:`create` or :meth:`attach`; the constructor is not public.
+    Use :meth:`create`, or :meth:`open` then :meth:`map`; the constructor is
+    not public.
 
     Attributes
     ----------
     name : str
-        Block name without the leading slash.
+        Block name without the leading slash, as the user gave it.
+    system_name : str
+        The name the system knows (the same, unless the platform maps long names).
     size : int
-        Mapped size in bytes (the size of the block when it was mapped).
+        Size of the block when it was opened (mapped in full by :meth:`map`).
     readonly : bool
         Whether the mapping is read-only.
+    private : bool
+        Whether the mapping is copy-on-write (writes stay in this process).
     """
 
     name: str
-    size: int
-    readonly: bool
+    system_name: str
+    size: int = 0
+    readonly: bool = False
+    private: bool = False
     # Class-level defaults so close() works on a half-built instance.
+    _closed: bool = False
     _mmap: mmap.mmap | None = None
     _view: memoryview | None = None
     _hold: _lifetime.Hold | None = None
-    _owner_pid: int = 0
-    _shm: object = None  # Windows fallback only
+    _shared: memoryview | None = None  # a shared view of the header pages (private mappings)
+    _shared_mmap: mmap.mmap | None = None
 
     def __init__(self) -> None:
-        raise TypeError("use SharedBlock.create() or SharedBlock.attach()")
+        raise TypeError("use SharedBlock.create() or SharedBlock.open()")
 
     @classmethod
     def create(
@@ -235,83 +226,93 @@ class SharedBlock:
         *,
         name: str | None = None,
         populate: bool = False,
+        reserve: int | None = None,
     ) -> SharedBlock:
         """Create a new block of ``size`` bytes, zero-filled, readable by its owner only.
 
-        The new mapping holds the block and owns it (its OWNER lock, see
-        :mod:`._lifetime`) until :meth:`._lifetime.Hold.drop_owner` or until it goes.
+        The new mapping owns the block (see :mod:`._lifetime`) until
+        :meth:`._lifetime.Hold.drop_owner` or until it goes.
 
         Parameters
         ----------
         size
-            Bytes to reserve (> 0).
+            Bytes (> 0).
         name
             Exact name to use; a random name with :data:`PREFIX` when ``None``.
         populate
             Map every page now (``MAP_POPULATE``) so first writes take no page faults.
+        reserve
+            Bytes from the start whose pages are reserved now (default: all);
+            the rest must be reserved with :meth:`reserve` before it is touched.
 
         Raises
         ------
         AllocationError
             The system cannot provide ``size`` bytes of shared memory, an inode
-            in /dev/shm, or a file descriptor.
+            or a file descriptor; or the request exceeds what the filesystem or
+            the container has left (the message names the limit).
         BlockExistsError
             ``name`` was given and a block of that name already exists.
         """
         if size <= 0:
             raise ValueError(f"a block needs a positive size, got {size}")
-        _reaper.maybe_reap_all()
-        self = object.__new__(cls)
-        self.readonly = False
-        self.size = size
-        if not _HAVE_POSIX_SHM:
-            self._create_windows(size, name)
-            return self
+        reserved = size if reserve is None else min(size, reserve)
         explicit = name is not None
+        shown = normalize_name(name) if name is not None else ""
+        check_fits(reserved, f"create a block of {size} bytes")
+        for hook in hooks.before_create:
+            hook()
+        self = object.__new__(cls)
+        self.size = size
         while True:
-            self.name = normalize_name(name) if explicit else new_name()
+            self.name = shown if explicit else new_name()
+            self.system_name = backend.system_name(self.name)
             try:
-                fd = _posixshmem.shm_open(
-                    "/" + self.name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600
-                )
+                fd = backend.open_block(self.system_name, create=True, writable=True)
             except FileExistsError:
                 if explicit:
-                    raise BlockExistsError(self.name) from None
+                    raise
                 continue  # random-name collision: draw again
-            except OSError as exc:
-                raise _exhausted(exc, f"create block {self.name!r}", size) or exc from None
             break
-        self._owner_pid = this_pid()
         try:
-            info = os.fstat(fd)
-            self._hold = _lifetime.Hold(
-                fd, self.name, writable=True, dev=info.st_dev, ino=info.st_ino
-            )
+            info = backend.fstat(fd)
+            locks = backend.locks(fd, self.system_name, writable=True, created=True)
         except BaseException:
-            os.close(fd)
-            unlink_block(self.name)
+            backend.close_descriptor(fd)
+            backend.unlink(self.system_name)
             raise
         try:
-            _lifetime.hold_shared(fd, wait=False)  # a new file: nobody else can hold it
-            self._hold.take_owner()
-            self._reserve(size)
-            self._map(size, populate=populate)
+            self._hold = _lifetime.Hold(
+                locks, self.system_name, writable=True, dev=info.st_dev, ino=info.st_ino
+            )
+            self._hold.create_owned()
+            self._resize_and_reserve(size, reserved)
+            self._map(populate=populate)
         except BaseException:
             self.close()
-            unlink_block(self.name)
+            backend.unlink(self.system_name)
             raise
-        if not _lifetime.HAVE_OFD_LOCKS:
-            _created_here[self.name] = self._owner_pid
-        _reaper.exit_hook.arm()
+        for hook in hooks.on_use:
+            hook()
         return self
 
     @classmethod
-    def attach(cls, name: str, *, readonly: bool = False, wait: bool = True) -> SharedBlock:
-        """Map the existing block ``name`` in full.
+    def open(
+        cls,
+        name: str,
+        *,
+        readonly: bool = False,
+        private: bool = False,
+        wait: bool = True,
+    ) -> SharedBlock:
+        """Open the existing block ``name`` and hold it, without mapping it yet.
 
-        ``wait``: while another process holds the block exclusively (a reaper
-        judging it, a codec writer rewriting it: microseconds to milliseconds),
-        wait for it; without, raise :class:`BlockNotFoundError` ("busy") at once.
+        Trust is judged first, on the descriptor (another user's block, one
+        writable by others, an entry that is not a block). Then the block is
+        held (HOLD): while another process holds it exclusively (a reaper
+        judging it, a codec writer rewriting it: microseconds to
+        milliseconds) this waits with ``wait``, else raises
+        :class:`BlockNotFoundError` ("busy") at once.
 
         Raises
         ------
@@ -319,126 +320,123 @@ class SharedBlock:
             No block of that name exists (or the name is a symlink, FIFO or directory).
         UntrustedBlockError
             The block belongs to another user, or group or others may write it.
-        LayoutError
-            The block's pages are not all allocated (Linux): reading it could SIGBUS.
         AllocationError
-            No file descriptor or address space is left.
+            No file descriptor is left.
         TypeError
             ``name`` is not a string.
         """
         bare = normalize_name(name)
         self = object.__new__(cls)
         self.name = bare
+        self.system_name = backend.system_name(bare)
         self.readonly = readonly
-        if not _HAVE_POSIX_SHM:
-            self._attach_windows(bare)
-            return self
-        # O_NONBLOCK: opening a FIFO named like a block must not hang (no effect on a block).
-        access = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NONBLOCK
+        self.private = private
+        writable = not readonly and not private
+        fd = backend.open_block(self.system_name, create=False, writable=writable)
         try:
-            fd = _posixshmem.shm_open("/" + bare, access)
-        except FileNotFoundError:
-            raise BlockNotFoundError(bare) from None
-        except PermissionError:
-            raise UntrustedBlockError(
-                bare, f"block {bare!r} belongs to another user (permission denied)"
-            ) from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:  # glibc opens with O_NOFOLLOW
-                raise BlockNotFoundError(
-                    bare, f"{bare!r} is a symbolic link, not a shared-memory block"
-                ) from None
-            if exc.errno == errno.EINVAL:  # glibc's answer for a directory of that name
-                raise BlockNotFoundError(bare, f"{bare!r} is not a shared-memory block") from None
-            raise _exhausted(exc, f"open block {bare!r}") or exc from None
-        try:
-            info = os.fstat(fd)
-            _check_trusted(bare, info)
-            self._hold = _lifetime.Hold(
-                fd, bare, writable=not readonly, dev=info.st_dev, ino=info.st_ino
-            )
+            info = backend.fstat(fd)
+            untrusted = backend.trust_error(bare, info)
+            if untrusted is not None:
+                raise untrusted
+            locks = backend.locks(fd, self.system_name, writable=writable, created=False)
         except BaseException:
-            os.close(fd)
+            backend.close_descriptor(fd)
             raise
+        self.size = info.st_size
         try:
-            if not _lifetime.try_lock(fd, _lifetime.HOLD, exclusive=False):
+            hold = self._hold = _lifetime.Hold(
+                locks, self.system_name, writable=writable, dev=info.st_dev, ino=info.st_ino
+            )
+            if not hold.hold(wait=False):
                 # A reaper (or a codec writer rewriting it) holds it for microseconds.
-                if not _lifetime.hold_shared(fd, wait=wait):
-                    raise BlockNotFoundError(bare, f"block {bare!r} is busy (being rewritten)")
-                _check_still_named(bare, info)
-            self.size = info.st_size
-            if self.size > 0:
-                self._map(self.size, populate=False)
-            else:  # mmap refuses 0 bytes; an empty view lets the header parser say what is wrong
-                self._view = memoryview(b"")
+                if not hold.hold(wait=wait):
+                    raise BlockBusyError(bare, f"block {bare!r} is busy (being rewritten)")
+                if not locks.still_named():
+                    raise BlockNotFoundError(
+                        bare, f"block {bare!r} was removed while being attached"
+                    )
         except BaseException:
             self.close()
             raise
-        _reaper.exit_hook.arm()
+        for hook in hooks.on_use:
+            hook()
         return self
+
+    @classmethod
+    def attach(
+        cls, name: str, *, readonly: bool = False, private: bool = False, wait: bool = True
+    ) -> SharedBlock:
+        """:meth:`open` and :meth:`map` in one step (a block whose header needs no look first)."""
+        block = cls.open(name, readonly=readonly, private=private, wait=wait)
+        try:
+            block.map()
+        except BaseException:
+            block.close()
+            raise
+        return block
 
     # -- internals -------------------------------------------------------------------
 
-    def _reserve(self, size: int) -> None:
-        fd = self.fileno()
+    def _resize_and_reserve(self, size: int, reserved: int) -> None:
         try:
-            os.ftruncate(fd, size)
+            backend.resize(self.fileno(), size)
         except OSError as exc:
             raise AllocationError(
                 f"cannot size shared-memory block {self.name!r} to {size} bytes: {exc.strerror}",
                 size,
             ) from exc
-        if not _HAVE_FALLOCATE:
+        self.reserve(0, reserved)
+
+    def reserve(self, start: int, length: int) -> None:
+        """Reserve the pages of ``[start, start + length)`` (where the platform can).
+
+        Raises
+        ------
+        AllocationError
+            The filesystem cannot provide them.
+        """
+        if not backend.reserves_pages or length <= 0:
             return
         try:
-            os.posix_fallocate(fd, 0, size)
+            backend.reserve(self.fileno(), start, length)
         except OSError as exc:
-            if exc.errno in _FALLOCATE_UNSUPPORTED:
-                return
             raise AllocationError(
-                f"cannot reserve {size} bytes of shared memory for {self.name!r}: "
-                f"{exc.strerror} (is /dev/shm full?)",
-                size,
+                f"cannot reserve {length} bytes of shared memory for {self.name!r}: "
+                f"{exc.strerror} (is the shared-memory filesystem full?)",
+                length,
             ) from exc
 
-    def _map(self, size: int, *, populate: bool) -> None:
+    def map(self, *, populate: bool = False) -> None:
+        """Map the whole block (after :meth:`open`); idempotent."""
+        if self._view is None:
+            if self.size > 0:
+                self._map(populate=populate)
+            else:  # mmap refuses 0 bytes; an empty view lets the caller say what is wrong
+                self._view = memoryview(b"")
+
+    def _map(self, *, populate: bool) -> None:
         hold = self._hold
         assert hold is not None
-        flags = mmap.MAP_SHARED
-        if populate and hasattr(mmap, "MAP_POPULATE"):
-            flags |= mmap.MAP_POPULATE
-        prot = mmap.PROT_READ if self.readonly else mmap.PROT_READ | mmap.PROT_WRITE
         try:
-            if sys.version_info >= (3, 13):
-                # The hold's own descriptor carries the locks; mmap need not duplicate it.
-                self._mmap = mmap.mmap(hold.fd, size, flags=flags, prot=prot, trackfd=False)
-            else:
-                self._mmap = mmap.mmap(hold.fd, size, flags=flags, prot=prot)
+            mapping = backend.map(
+                self.fileno(),
+                self.size,
+                readonly=self.readonly,
+                private=self.private,
+                populate=populate,
+            )
         except OSError as exc:
-            raise _exhausted(exc, f"map {size} bytes of {self.name!r}", size) or exc from None
-        # The descriptor, and with it the HOLD lock, goes when the mapping goes: after the
-        # last view of it, however long after close() that is.
-        # A weak reference with a callback (cheaper than weakref.finalize, and not run at
-        # interpreter exit, where the exit hook lets go of every hold at once: _reaper).
-        ref = weakref.ref(self._mmap, _mapping_collected)
+            error = exhausted(exc, f"map {self.size} bytes of {self.name!r}", self.size)
+            raise error or exc from None
+        self._mmap = mapping
+        backend.advise_huge_pages(mapping)
+        # The locks, and the descriptor they live on, go when the mapping goes: after its
+        # last view, however long after close() that is. A weak reference with a callback
+        # (cheaper than weakref.finalize, and not run at interpreter exit, where the exit
+        # hook lets go of every hold at once: see _reaper).
+        ref = weakref.ref(mapping, _mapping_collected)
         _mapping_refs[ref] = hold
-        self._view = memoryview(self._mmap)
-
-    def _create_windows(self, size: int, name: str | None) -> None:  # pragma: no cover
-        from multiprocessing import shared_memory
-
-        shm = shared_memory.SharedMemory(name=name or new_name(), create=True, size=size)
-        self._shm, self.name, self._view = shm, shm.name, shm.buf
-        self._owner_pid = this_pid()
-
-    def _attach_windows(self, name: str) -> None:  # pragma: no cover
-        from multiprocessing import shared_memory
-
-        try:
-            shm = shared_memory.SharedMemory(name=name)
-        except FileNotFoundError:
-            raise BlockNotFoundError(name) from None
-        self._shm, self.size, self._view = shm, shm.size, shm.buf
+        self._view = memoryview(mapping)
 
     # -- public surface ----------------------------------------------------------------
 
@@ -449,26 +447,40 @@ class SharedBlock:
         Raises
         ------
         ValueError
-            The handle is closed.
+            The handle is closed or not mapped yet.
         """
         view = self._view
         if view is None:
             raise ValueError(f"shared-memory block {self.name!r} is closed")
         return view
 
+    def shared_view(self, length: int) -> memoryview:
+        """A writable view of the block's first ``length`` bytes that other processes see.
+
+        The mapping's own view, unless it is private (copy-on-write) or
+        read-only: then a small shared mapping of those pages, kept with this
+        block (the lifetime area and the notify word live there).
+        """
+        if not self.private and not self.readonly:
+            return self.buf
+        shared = self._shared
+        if shared is None or len(shared) < length:
+            pages = min(self.size, -(-length // mmap.PAGESIZE) * mmap.PAGESIZE)
+            mapping = backend.map(
+                self.fileno(), pages, readonly=False, private=False, populate=False
+            )
+            self._shared_mmap = mapping
+            shared = self._shared = memoryview(mapping)
+        return shared
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._view is None
-
-    @property
-    def created_here(self) -> bool:
-        """Whether this process created the block (a forked child did not)."""
-        return self._owner_pid == this_pid()
+        return self._closed
 
     @property
     def hold(self) -> _lifetime.Hold:
-        """This mapping's descriptor and locks (see :mod:`._lifetime`).
+        """This mapping's lifetime locks (see :mod:`._lifetime`).
 
         Raises
         ------
@@ -476,77 +488,115 @@ class SharedBlock:
             The handle is closed.
         """
         hold = self._hold
-        if hold is None or hold.fd < 0:
+        if hold is None or hold.closed:
             raise ValueError(f"shared-memory block {self.name!r} is closed")
         return hold
 
     def fileno(self) -> int:
-        """Return this mapping's descriptor (valid until :meth:`close`)."""
-        return self.hold.fd
+        """This mapping's descriptor (valid until its locks are let go)."""
+        return self.hold.locks.fd
+
+    def refresh_size(self) -> None:
+        """Read the block's size again (a block still being created may just have been sized)."""
+        if self._view is None:
+            self.size = backend.fstat(self.fileno()).st_size
+
+    def read_at(self, size: int, offset: int = 0) -> bytes:
+        """Read ``size`` bytes at ``offset`` without touching the mapping (never a SIGBUS)."""
+        return backend.read_at(self.fileno(), size, offset)
+
+    def header_bytes(self) -> bytes:
+        """The block's first bytes, at least its whole header, read without the mapping.
+
+        Reading through the descriptor copies them from the page cache: touching
+        the mapping instead would fault a page into it (and make ``munmap``
+        pay a TLB flush), and a hole in a block of someone else's would raise
+        SIGBUS once the filesystem is full.
+        """
+        if self.size == 0:
+            return b""
+        raw = self.read_at(min(self.size, _HEADER_READ))
+        if len(raw) >= 20:
+            header_size = int.from_bytes(raw[16:20], "little")
+            if len(raw) < header_size <= min(self.size, 1 << 20):
+                raw = self.read_at(header_size)  # a long header (many dims, a big dtype)
+        return raw
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` into the block at byte ``offset``.
 
-        This is ``pwrite``: the kernel copies into the block's pages without
-        faulting them into this mapping, much cheaper for fresh pages (1 GiB
-        here: 0.56 s, against 0.9 s to populate the mapping and copy through it).
+        Positional writes (``pwrite``) where the platform has them: the kernel
+        copies into the block's pages without faulting them into this mapping,
+        much cheaper for fresh pages (1 GiB here: 0.56 s, against 0.9 s to
+        populate the mapping and copy through it). Elsewhere, through the mapping.
         """
         view = memoryview(data).cast("B")
         if offset < 0 or offset + len(view) > self.size:
             raise ValueError(f"{len(view)} bytes at offset {offset} overflow block {self.name!r}")
-        if _HAVE_PWRITE and self._hold is not None and self._hold.fd >= 0:
-            pwrite_all(self._hold.fd, view, offset)
-        else:
+        if self.private or not backend.write_at(self.fileno(), view, offset):
             self.buf[offset : offset + len(view)] = view
 
-    def header_bytes(self) -> bytes | memoryview:
-        """The block's first bytes, at least its whole header, read without the mapping.
+    def make_present(self, start: int, end: int) -> None:
+        """Map in the pages of ``[start, end)`` so that each is *there* (written or zeroed).
 
-        ``pread`` copies them from the page cache: touching the mapping instead
-        would fault a page into it and make the ``munmap`` of ``close()`` pay a
-        TLB flush, more than half the cost of an attach here. Pass the result
-        to ``parse_header(..., block_size=block.size)``.
+        Reserved pages that nothing has written yet read as zeros but count as
+        holes (``SEEK_HOLE``); an opener checks for holes before mapping
+        (:mod:`._handle`), so a block whose creator does not write every page
+        makes them present here. Populating reports a failure (an error, never
+        a SIGBUS) where the system cannot provide a page.
+
+        Raises
+        ------
+        AllocationError
+            A page could not be provided.
         """
-        hold = self._hold
-        if not _HAVE_PWRITE or hold is None or hold.fd < 0 or self.size == 0:
-            return self.buf
-        raw = os.pread(hold.fd, min(self.size, _HEADER_READ), 0)
-        if len(raw) >= 20:
-            header_size = int.from_bytes(raw[16:20], "little")
-            if len(raw) < header_size <= min(self.size, 1 << 20):
-                raw = os.pread(hold.fd, header_size, 0)  # a long header (many dims, a big dtype)
-        return raw
+        if end <= start or not backend.can_populate:
+            return
+        from ctypes import addressof, c_char
 
-    def lifetime_words(self, offset: int) -> _lifetime.LifetimeWords | None:
-        """The lifetime words at ``offset`` (a v2 header's), ``None`` if they cannot change."""
-        if self.readonly or not _lifetime.HAVE_OFD_LOCKS:
-            return None
-        return _lifetime.LifetimeWords(self.buf, self.fileno(), offset)
+        view = self.buf
+        start -= start % mmap.PAGESIZE
+        address = addressof(c_char.from_buffer(view)) + start
+        error = backend.populate(address, min(end, len(view)) - start)
+        if error:
+            raise AllocationError(
+                f"cannot provide the pages of {self.name!r} ({os.strerror(error)})", end - start
+            )
+
+    def first_hole(self, start: int, end: int) -> int | None:
+        """The first offset of ``[start, end)`` with no page behind it, ``None`` if all there."""
+        return backend.first_hole(self.fileno(), start, end)
+
+    def still_named(self) -> bool:
+        """Whether the block's name still names this block (nobody unlinked or replaced it)."""
+        return self.hold.locks.still_named()
 
     def close(self) -> None:
         """Release this handle's mapping; idempotent.
 
         Views handed out earlier stay valid: the mapping is unmapped, and its
-        descriptor closed (which drops this process's hold on the block), when
-        the last of them is garbage collected.
+        locks let go, when the last of them is garbage collected.
         """
+        self._closed = True
         view, self._view = self._view, None
         mapping, self._mmap = self._mmap, None
+        shared, self._shared = self._shared, None
+        shared_mmap, self._shared_mmap = self._shared_mmap, None
         # BufferError below means views handed out earlier are alive: they keep
         # the mapping, which is unmapped when the last of them is collected.
-        if view is not None:
+        for held in (view, shared):
+            if held is not None:
+                with contextlib.suppress(BufferError):
+                    held.release()
+        if shared_mmap is not None:
             with contextlib.suppress(BufferError):
-                view.release()
+                shared_mmap.close()
         if mapping is not None:
             with contextlib.suppress(BufferError):
                 mapping.close()
             del mapping  # the last reference, unless views keep it: runs _mapping_gone
-        elif self._hold is not None and self._hold.fd >= 0:
-            _mapping_gone(self._hold)  # never mapped (an empty block, a failed create)
-        shm, self._shm = self._shm, None
-        if shm is not None:  # pragma: no cover - Windows
-            with contextlib.suppress(BufferError):
-                shm.close()  # type: ignore[attr-defined]
+        elif self._hold is not None and not self._hold.closed:
+            _mapping_gone(self._hold)  # never mapped (a failed create or open)
 
     def unlink(self) -> None:
         """Remove the block's name from the system now; idempotent.
@@ -554,63 +604,8 @@ class SharedBlock:
         Mappings (in any process) stay valid until they are closed; no new
         process can attach afterwards.
         """
-        _created_here.pop(self.name, None)
-        unlink_block(self.name)
+        backend.unlink(self.system_name)
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self.size} bytes"
+        state = "closed" if self._view is None else f"{self.size} bytes"
         return f"<SharedBlock {self.name!r} {state}>"
-
-
-def _check_trusted(name: str, info: os.stat_result) -> None:
-    """Refuse what is not a block, not this user's, writable by others, or sparse."""
-    if not stat.S_ISREG(info.st_mode):  # a FIFO, directory, device... named like a block
-        raise BlockNotFoundError(name, f"{name!r} is not a shared-memory block")
-    if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
-        raise UntrustedBlockError(
-            name,
-            f"block {name!r} belongs to uid {info.st_uid}, not to this user "
-            f"(uid {os.geteuid()}): refusing to read it",
-        )
-    if info.st_mode & _UNTRUSTED_MODE_BITS:
-        raise UntrustedBlockError(
-            name,
-            f"block {name!r} is writable by group or others (mode "
-            f"{stat.S_IMODE(info.st_mode):o}): refusing to read it",
-        )
-    # tmpfs counts allocated pages in st_blocks (512-byte units): a block we created is
-    # fully reserved; fewer blocks mean holes, whose first touch may SIGBUS when
-    # /dev/shm is full.
-    if _LINUX and info.st_blocks * 512 < info.st_size:
-        raise LayoutError(
-            f"block {name!r} has {info.st_blocks * 512} of its {info.st_size} bytes "
-            "allocated: reading the rest could crash this process (SIGBUS)"
-        )
-
-
-def _check_still_named(name: str, info: os.stat_result) -> None:
-    """After waiting for a reaper: the name must still be the file that was opened."""
-    if not _LINUX:
-        return
-    try:
-        now = os.stat(os.path.join(_reaper.SHM_DIR, name))
-    except FileNotFoundError:
-        raise BlockNotFoundError(name) from None
-    if (now.st_dev, now.st_ino) != (info.st_dev, info.st_ino):
-        raise BlockNotFoundError(name, f"block {name!r} was removed while being attached")
-
-
-def unlink_created_at_exit() -> None:
-    """Platforms without OFD locks: unlink what this process created (the old rule)."""
-    pid = this_pid()
-    for name, creator in list(_created_here.items()):
-        if creator == pid:
-            with contextlib.suppress(OSError):
-                unlink_block(name)
-    _created_here.clear()
-
-
-if not _lifetime.HAVE_OFD_LOCKS:  # pragma: no cover - macOS
-    import atexit
-
-    atexit.register(unlink_created_at_exit)

@@ -48,17 +48,16 @@ from collections.abc import (
     ValuesView,
 )
 from types import TracebackType
-from typing import Any, Final, NoReturn, SupportsIndex
+from typing import Any, ClassVar, Final, NoReturn, SupportsIndex
 
 from typing_extensions import Self
 
-from ._block import PREFIX, SharedBlock
-from ._header import BlockKind, align, encode_header, encoded_identity, parse_header
+from ._block import PREFIX
+from ._handle import BlockHandle
+from ._header import BlockKind, align, encode_header, header_size_for
 from ._heap import Heap, heap_overhead
-from ._identity import check_same_shm, shm_identity
 from ._journal import Journal
 from ._keys import encode_key
-from ._lifetime import this_pid
 from ._lock import BlockLock
 from ._table import (
     COUNT,
@@ -73,7 +72,7 @@ from ._table import (
     Geometry,
     Table,
 )
-from .errors import AllocationError, BlockNotFoundError, LayoutError
+from .errors import AllocationError, BlockNotFoundError, ClosedError, LayoutError
 
 __all__ = ["SharedDict", "SharedDictLock", "ZeroCopyDict"]
 
@@ -115,13 +114,16 @@ def _immutable(value: object, depth: int = 0) -> bool:
 
 
 class _Closed:
-    """Stands in for every view of a closed dict, so any use raises a clear error."""
+    """Stands in for every view of a closed (or unreachable) dict: any use raises why."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, error: Exception | None = None) -> None:
         self.name = name
+        self.error = error
 
     def _fail(self, *args: object) -> NoReturn:
-        raise ValueError(f"SharedDict {self.name!r} is closed")
+        if self.error is not None:
+            raise self.error
+        raise ClosedError(f"SharedDict {self.name!r} is closed")
 
     __getitem__ = __setitem__ = acquire = _fail
 
@@ -197,7 +199,7 @@ class _SnapshotValues(ValuesView[Any]):
         return iter([value for _, value in self._owner._snapshot(values=True)])
 
 
-class SharedDict(MutableMapping[Any, Any]):
+class SharedDict(BlockHandle, MutableMapping[Any, Any]):
     """A mapping shared by every process that attaches to it by name.
 
     Use :meth:`create` or :meth:`attach`. Keys are the portable kinds of
@@ -216,10 +218,13 @@ class SharedDict(MutableMapping[Any, Any]):
         How many distinct keys always fit.
     """
 
-    name: str
+    KIND: ClassVar[BlockKind] = BlockKind.DICT
+    KIND_NAME: ClassVar[str] = "SharedDict"
+    CONSTRUCTORS: ClassVar[str] = "SharedDict.create(), .attach() or .open()"
+
     block_name: str
-    max_items: int
-    _block: SharedBlock | None = None
+    max_items: int = 0
+    _dict_name: str = ""
     _lock: BlockLock
     _table: Table
     _journal: Journal
@@ -228,13 +233,7 @@ class SharedDict(MutableMapping[Any, Any]):
     _ctl: memoryview
     _cache: dict[object, object]
     _cache_version: int
-    _owner_pid: int = 0  # the pid in which this handle owns the dict; 0: not an owner
-    _block_id: bytes = b""
-    _lifetime_offset: int | None = None
-    _release_lock: weakref.finalize[[], SharedDict]
-
-    def __init__(self) -> None:
-        raise TypeError("use SharedDict.create() or SharedDict.attach()")
+    _release_lock: weakref.finalize[[], SharedDict] | None = None
 
     # -- construction ------------------------------------------------------------------
 
@@ -278,23 +277,21 @@ class SharedDict(MutableMapping[Any, Any]):
         chosen = max_items if slot_count is None else slot_count
         items = _DEFAULT_MAX_ITEMS if chosen is None else _size(label, chosen, 1)
         heap_bytes = align(_size("heap_size", heap_size, MIN_HEAP) + heap_overhead(), 64)
-        control = len(encode_header(BlockKind.DICT, extra=bytes(Geometry.packed_size())))
+        control = header_size_for(extra_len=Geometry.packed_size(), name=block_name)
         geometry = Geometry.plan(control, items, heap_bytes)
         total = geometry.block_size
         if total >= MAX_BLOCK:
             raise ValueError(f"a dict block of {total} bytes is too large")
-        header = encode_header(BlockKind.DICT, nbytes=total - control, extra=geometry.pack())
-        block = SharedBlock.create(total, name=block_name)
-        try:
+        header = encode_header(
+            BlockKind.DICT, nbytes=total - control, extra=geometry.pack(), name=block_name
+        )
+        self = cls._create(total, name=block_name)
+        with self._creating():
+            block = self._live_block()
+            block.make_present(0, total)
             Heap.format(block.buf, geometry.heap, geometry.heap_size)
-            block.buf[: len(header)] = header  # last: attach refuses the block until now
-            block_id, lifetime_offset = encoded_identity(header)
-            self = cls._open(block, name, geometry, block_id, lifetime_offset)
-        except BaseException:
-            block.unlink()
-            block.close()
-            raise
-        self._owner_pid = this_pid()
+            self._publish(header)  # last: attach waits for the block until now
+            self._setup(name, geometry)
         return self
 
     @classmethod
@@ -313,43 +310,33 @@ class SharedDict(MutableMapping[Any, Any]):
         return cls._attach(name)
 
     @classmethod
-    def _attach(cls, name: str, block_id: bytes | None = None) -> Self:
-        block_name = _block_name(name, for_attach=True)
-        block = SharedBlock.attach(block_name)
-        try:
-            where = f"block {block_name!r}"
-            header = parse_header(block.buf, expected_kind=BlockKind.DICT, name=block_name)
-            if block_id is not None and header.block_id != block_id:
-                raise BlockNotFoundError(
-                    block_name,
-                    f"block {block_name!r} is not the dict this handle was made for "
-                    "(the name was reused by another block)",
-                )
-            geometry = Geometry.unpack(
-                header.extra, data_offset=header.data_offset, block_size=block.size, where=where
-            )
-            return cls._open(block, name, geometry, header.block_id, header.lifetime_offset)
-        except BaseException:
-            block.close()
-            raise
-
-    @classmethod
-    def _open(
-        cls,
-        block: SharedBlock,
-        name: str,
-        geometry: Geometry,
-        block_id: bytes,
-        lifetime_offset: int | None,
+    def _attach(
+        cls, name: str, *, identity: str | None = None, block_id: bytes | None = None
     ) -> Self:
-        self = object.__new__(cls)
-        self._block_id = block_id
-        self._lifetime_offset = lifetime_offset
-        self.name = name
+        block_name = _block_name(name, for_attach=True)
+        self = cls._open(block_name, identity=identity, block_id=block_id)
+        try:
+            header, block = self._header, self._live_block()
+            assert header is not None
+            geometry = Geometry.unpack(
+                header.extra,
+                data_offset=header.data_offset,
+                block_size=block.size,
+                where=f"block {block_name!r}",
+            )
+            self._setup(name, geometry)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _setup(self, name: str, geometry: Geometry) -> None:
+        """Build the layers over the mapped block (table, journal, lock, cache)."""
+        block = self._live_block()
+        self._dict_name = name
         self.block_name = block.name
         self.max_items = geometry.max_items
         table = Table(block.buf, geometry, name)
-        self._block = block
         self._buf = block.buf
         self._table = table
         self._heap = table.heap
@@ -360,7 +347,29 @@ class SharedDict(MutableMapping[Any, Any]):
         self._lock = BlockLock.for_block(block)
         # A handle dropped without close() still gives its lock descriptor back.
         self._release_lock = weakref.finalize(self, self._lock.release_ref)
-        return self
+
+    @property
+    def name(self) -> str:
+        """The name given to :meth:`create` / :meth:`attach`."""
+        return self._dict_name
+
+    def _pickle_state(self) -> tuple[Any, ...]:
+        return (self._dict_name,)
+
+    @classmethod
+    def _open_from_state(
+        cls, state: tuple[Any, ...], identity: str | None, block_id: bytes | None
+    ) -> Self:
+        return cls._attach(state[0], identity=identity, block_id=block_id)
+
+    def _restore_unreachable(self, state: tuple[Any, ...]) -> None:
+        self._dict_name = state[0]
+        self.block_name = state[0]
+        unusable = _Closed(state[0], self._unreachable)
+        self._ctl = unusable  # type: ignore[assignment]
+        self._lock = unusable  # type: ignore[assignment]
+        self._cache = {}
+        self._cache_version = -1
 
     # -- locking and the crash protocol ------------------------------------------------
 
@@ -737,10 +746,9 @@ class SharedDict(MutableMapping[Any, Any]):
         try:
             ctl = self._ctl
             count = int(ctl[COUNT])
-            block = self._block
             return {
                 "name": self.name,
-                "is_owner": bool(block is not None and self._owner_pid == this_pid()),
+                "is_owner": self.owner,
                 "used_slots": count,
                 "max_items": self.max_items,
                 "load_factor": count / self.max_items,
@@ -781,16 +789,9 @@ class SharedDict(MutableMapping[Any, Any]):
 
     # -- lifetime ----------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Release this handle; idempotent. The owner also unlinks the block, at once.
-
-        The owner is the creating handle, or an unpickled one whose owner had
-        let go. Other processes keep their mappings; no new process can attach after
-        the owner closed. A handle that is not the owner lets go: the dict goes
-        when the last process holding it does, if its owner has let go too.
-        """
-        block, self._block = self._block, None
-        if block is None:
+    def _release(self) -> None:
+        """Let go of the table's views and this handle's share of the lock."""
+        if self._release_lock is None:
             return
         # Lock-free paths read _ctl, every other path takes _lock first: both raise now.
         closed = _Closed(self.name)
@@ -801,64 +802,11 @@ class SharedDict(MutableMapping[Any, Any]):
         self._table.release()
         self._buf.release()
         self._release_lock()
-        owner, self._owner_pid = self._owner_pid == this_pid(), 0
-        if owner:
-            block.unlink()  # an explicit end: the name goes now
-            block.hold.drop_owner()
-        block.close()  # a non-owner lets go; if nobody else holds the dict, it goes (_reaper)
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called on this handle."""
-        return self._block is None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __reduce__(self) -> tuple[Any, tuple[str, bytes, str]]:
-        """Pickle as name and identity: the receiver attaches (and owns it if nobody does).
-
-        The pickle counts as a handle in flight until it is unpickled (see
-        :mod:`._reaper`), so the dict outlives its creator for as long as the
-        receiver may still need it.
-        """
-        block = self._block
-        if block is not None and self._lifetime_offset is not None:
-            words = block.lifetime_words(self._lifetime_offset)
-            if words is not None:
-                words.pickled()
-        return (_unpickle, (self.name, self._block_id, shm_identity()))
-
-    def _landed(self) -> None:
-        """This handle was unpickled: one handle less in flight; own the dict if nobody does."""
-        block = self._block
-        assert block is not None
-        if self._lifetime_offset is not None:
-            words = block.lifetime_words(self._lifetime_offset)
-            if words is not None:
-                words.unpickled()
-        if block.hold.take_owner():
-            self._owner_pid = this_pid()
 
     def __repr__(self) -> str:
         if self._block is None:
             return f"<SharedDict {self.name!r} closed>"
         return f"<SharedDict {self.name!r} {len(self)} of {self.max_items} keys>"
-
-
-def _unpickle(name: str, block_id: bytes, identity: str) -> SharedDict:
-    check_same_shm(name, identity)
-    handle = SharedDict._attach(name, block_id or None)
-    handle._landed()
-    return handle
 
 
 ZeroCopyDict = SharedDict

@@ -3,7 +3,7 @@
 Any process can attach to a block by name alone because the block describes
 itself. This docstring is the format's specification.
 
-Format version 2
+Format version 3
 ----------------
 All integers little-endian. The fixed part is 88 bytes:
 
@@ -11,8 +11,8 @@ All integers little-endian. The fixed part is 88 bytes:
 offset  size  field            meaning
 ======  ====  ===============  ===================================================
 0       8     magic            ``b"\\x93SMA\\r\\n\\x1a\\n"`` (PNG-style: catches text mangling)
-8       2     version          format version, 2 (1 is still read)
-10      2     kind             :class:`BlockKind`: 1 array, 2 codec, 3 dict
+8       2     version          format version, 3 (1 and 2 are still read)
+10      2     kind             :class:`BlockKind`: 1 array, 2 codec, 3 dict, 4 dict data
 12      2     flags            :class:`HeaderFlags` bits; unknown bits are rejected
 14      2     ndim             number of dimensions, 0 to :data:`MAX_NDIM`
 16      4     header_size      bytes of fixed + variable part, a multiple of 64
@@ -20,7 +20,8 @@ offset  size  field            meaning
 24      4     descr_len        bytes of the dtype description
 28      4     extra_len        bytes of kind-specific metadata
 32      4     creator_pid      pid of the creating process (explains; never decides liveness)
-36      4     reserved         0
+36      2     name_len         bytes of the block's name (v3; 0 in v1 and v2)
+38      2     area_words       size of the lifetime area in 8-byte words (v3; 0 before)
 40      8     creator_start    creator's start time (clock ticks since boot), 0 unknown
 48      8     generation       bumped each time the block's content is rewritten in place
 56      8     data_offset      start of the payload, a multiple of 64
@@ -31,32 +32,38 @@ offset  size  field            meaning
 The variable part follows at offset 88: ``ndim`` int64 shape entries, ``ndim``
 int64 strides (bytes), the dtype as the UTF-8 ``repr`` of
 ``numpy.lib.format.dtype_to_descr(dtype)`` (``descr_len`` bytes; empty when the
-kind has no dtype), then ``extra_len`` bytes that the block's kind defines
-(see the codec and dict modules). Zero padding up to ``header_size``.
+kind has no dtype), ``extra_len`` bytes that the block's kind defines (see the
+codec and dict modules), then the block's name as its user gave it (UTF-8,
+``name_len`` bytes: where the system's name is a short stand-in for a long one,
+the portable backend's, this is how ``list`` and ``attach`` know the real one).
+Zero padding up to ``header_size``.
 
-The **lifetime area** follows: :data:`LIFETIME_SIZE` (64) bytes at offset
-``header_size``, outside the checksum because processes change it while the
-block is in use (under a lock; see :mod:`._lifetime`), so ``data_offset >=
-header_size + 64``. Its words, ``<q``: handles pickled and not yet unpickled
-(``in_flight``), the ``time.time_ns()`` of the last such pickle, and the block's
-``state`` (0 live, 1 pooled: memory a codec writer keeps for reuse).
+The **lifetime area** follows: ``8 * area_words`` bytes (:data:`AREA_SIZE`,
+512) at offset ``header_size``, outside the checksum because processes change
+it while the block is in use (under a lock; its layout is in
+:mod:`._lifetime`), so ``data_offset >= header_size + 8 * area_words``.
 
 Validation (:func:`parse_header`, the one parser every reader uses) checks, and
 rejects with :class:`~shared_memory_array.LayoutError` quoting the bad value: the
 magic; the version; the size cap (:data:`MAX_HEADER_SIZE`); the checksum; the
-kind (when the caller expects one); unknown flags; the reserved field; that
-shape entries and strides are non-negative; that the dtype parses with numpy's
-own helpers and holds no Python objects; and that shape × strides, the payload,
-the header and (v2) the lifetime area all fit inside the block. Nothing in a
-header is trusted before these checks, so random bytes, truncation and hostile
-values cannot cause a crash, a huge allocation, or a silent wrong answer.
+kind (when the caller expects one); unknown flags; the lifetime area's size;
+that shape entries and strides are non-negative; that the dtype parses with
+numpy's own helpers and holds no Python objects; that the name is UTF-8; and
+that shape x strides, the payload, the header and the lifetime area all fit
+inside the block. Nothing in a header is trusted before these checks, so random
+bytes, truncation and hostile values cannot cause a crash, a huge allocation,
+or a silent wrong answer.
 
 Version history
 ---------------
 1. The first: a 72-byte fixed part, no block id, no lifetime area. Still read
    (golden bytes in ``tests/fixtures``); such a block has no lifetime words, so
    the reaper falls back to its creator's pid for it.
-2. ``block_id`` after the v1 fixed part; the lifetime area after the header.
+2. ``block_id`` after the v1 fixed part; a 64-byte lifetime area after the
+   header (a bare count of handles in flight).
+3. The block's name in the header; the lifetime area's size in the header
+   (512 bytes: a table of tickets of pickles in flight, the notify word);
+   the ``PORTABLE`` flag.
 """
 
 from __future__ import annotations
@@ -73,20 +80,23 @@ from typing import Final
 import numpy as np
 from numpy.lib.format import descr_to_dtype, dtype_to_descr
 
+from ._lifetime import AREA_SIZE as LIFETIME_AREA_SIZE
+from ._platform import backend
 from ._process import current_identity
 from .errors import LayoutError
 
 __all__ = [
     "ALIGNMENT",
+    "AREA_SIZE",
     "BLOCK_ID_SIZE",
     "FIXED_SIZE",
-    "LIFETIME_SIZE",
     "MAGIC",
     "VERSION",
     "BlockKind",
     "Header",
     "HeaderFlags",
     "align",
+    "descr_text",
     "encode_header",
     "encoded_identity",
     "header_size_for",
@@ -95,18 +105,20 @@ __all__ = [
 ]
 
 MAGIC: Final = b"\x93SMA\r\n\x1a\n"
-VERSION: Final = 2
-_READABLE_VERSIONS: Final = (1, 2)
+VERSION: Final = 3
+_READABLE_VERSIONS: Final = (1, 2, 3)
 ALIGNMENT: Final = 64
 MAX_NDIM: Final = 64
 MAX_HEADER_SIZE: Final = 1 << 20
 MAX_DESCR_LEN: Final = 1 << 16
 
-_FIXED = struct.Struct("<8sHHHHIIIIIIQQQQ")  # the part common to v1 and v2
+_FIXED = struct.Struct("<8sHHHHIIIIIIQQQQ")  # the part common to every version
 _V1_FIXED_SIZE: Final = _FIXED.size  # 72
 BLOCK_ID_SIZE: Final = 16
-FIXED_SIZE: Final = _V1_FIXED_SIZE + BLOCK_ID_SIZE  # 88 in v2
-LIFETIME_SIZE: Final = 64
+FIXED_SIZE: Final = _V1_FIXED_SIZE + BLOCK_ID_SIZE  # 88 since v2
+AREA_SIZE: Final = LIFETIME_AREA_SIZE
+_V2_AREA_SIZE: Final = 64
+MAX_NAME_BYTES: Final = 1024
 _CHECKSUM_OFFSET: Final = 20
 
 
@@ -116,6 +128,7 @@ class BlockKind(enum.IntEnum):
     ARRAY = 1
     CODEC = 2
     DICT = 3
+    DICT_DATA = 4  # the table and heap of a dict, one generation of its growth
 
 
 class HeaderFlags(enum.IntFlag):
@@ -126,9 +139,11 @@ class HeaderFlags(enum.IntFlag):
     # Set by every v1 writer. Readers need not test it: a header is written in one
     # piece after the block exists, and a block still being created has no magic yet.
     READY = 2
+    # Made by the portable backend: its lifetime locks are lock files, not OFD locks.
+    PORTABLE = 4
 
 
-_KNOWN_FLAGS: Final = int(HeaderFlags.F_ORDER | HeaderFlags.READY)
+_KNOWN_FLAGS: Final = int(HeaderFlags.F_ORDER | HeaderFlags.READY | HeaderFlags.PORTABLE)
 
 
 def align(n: int, alignment: int = ALIGNMENT) -> int:
@@ -141,9 +156,10 @@ class Header:
     """A decoded block header (see the module docstring for the layout).
 
     Attributes mirror the fields of the format. ``dtype`` is ``None`` for kinds
-    that store no array layout. Compared and hashed by identity: the parser
-    hands out one object per distinct header (a cache), which callers may key
-    their own caches by, cheaply.
+    that store no array layout; ``name`` is ``""`` for v1 and v2 blocks.
+    Compared and hashed by identity: the parser hands out one object per
+    distinct header (a cache), which callers may key their own caches by,
+    cheaply.
     """
 
     kind: BlockKind
@@ -160,16 +176,23 @@ class Header:
     header_size: int = 0
     version: int = VERSION
     block_id: bytes = b""
+    name: str = ""
+    area_size: int = AREA_SIZE
 
     @property
     def lifetime_offset(self) -> int | None:
-        """Offset of the lifetime area (v2), ``None`` for a v1 block that has none."""
+        """Offset of the lifetime area (v2, v3), ``None`` for a v1 block that has none."""
         return self.header_size if self.version >= 2 else None
 
     @property
     def fortran_order(self) -> bool:
         """Whether the payload is in Fortran (column-major) order."""
         return bool(self.flags & HeaderFlags.F_ORDER)
+
+    @property
+    def portable(self) -> bool:
+        """Whether the block was made by the portable backend (lock files, not OFD locks)."""
+        return bool(self.flags & HeaderFlags.PORTABLE)
 
 
 def encode_header(
@@ -182,6 +205,7 @@ def encode_header(
     flags: HeaderFlags = HeaderFlags.READY,
     generation: int = 0,
     extra: bytes = b"",
+    name: str = "",
     creator: tuple[int, int] | None = None,
     block_id: bytes | None = None,
 ) -> bytes:
@@ -191,10 +215,13 @@ def encode_header(
     writers pass values they built themselves (readers go through
     :func:`parse_header`). ``block_id`` is drawn at random when not given.
     """
-    descr = b"" if dtype is None else _descr_text(dtype)
+    descr = b"" if dtype is None else descr_text(dtype)
+    encoded_name = name.encode("utf-8", "surrogateescape")
     variable = struct.pack(f"<{len(shape)}q{len(strides)}q", *shape, *strides)
-    header_size = align(FIXED_SIZE + len(variable) + len(descr) + len(extra))
-    data_offset = header_size + LIFETIME_SIZE
+    header_size = align(FIXED_SIZE + len(variable) + len(descr) + len(extra) + len(encoded_name))
+    data_offset = header_size + AREA_SIZE
+    if backend.name == "posix":
+        flags |= HeaderFlags.PORTABLE
     pid, start = current_identity() if creator is None else creator
     if block_id is None:
         block_id = os.urandom(BLOCK_ID_SIZE)
@@ -209,14 +236,14 @@ def encode_header(
         len(descr),
         len(extra),
         pid,
-        0,
+        len(encoded_name) | (AREA_SIZE // 8) << 16,
         start,
         generation,
         data_offset,
         nbytes,
     )
     raw = bytearray(data_offset)
-    body = fixed + block_id + variable + descr + extra
+    body = fixed + block_id + variable + descr + extra + encoded_name
     raw[: len(body)] = body
     struct.pack_into("<I", raw, _CHECKSUM_OFFSET, zlib.crc32(memoryview(raw)[:header_size]))
     return bytes(raw)
@@ -228,13 +255,17 @@ def encoded_identity(raw: bytes) -> tuple[bytes, int]:
     return bytes(raw[_V1_FIXED_SIZE:FIXED_SIZE]), header_size
 
 
-def header_size_for(*, ndim: int = 0, descr_len: int = 0, extra_len: int = 0) -> int:
+def header_size_for(
+    *, ndim: int = 0, descr_len: int = 0, extra_len: int = 0, name: str = ""
+) -> int:
     """Bytes :func:`encode_header` returns for these field sizes (header + lifetime area)."""
-    return align(FIXED_SIZE + 16 * ndim + descr_len + extra_len) + LIFETIME_SIZE
+    name_len = len(name.encode("utf-8", "surrogateescape"))
+    return align(FIXED_SIZE + 16 * ndim + descr_len + extra_len + name_len) + AREA_SIZE
 
 
 @functools.lru_cache(maxsize=256)
-def _descr_text(dtype: np.dtype) -> bytes:
+def descr_text(dtype: np.dtype) -> bytes:
+    """The header's description of ``dtype`` (cached: dtypes are immutable)."""
     return repr(dtype_to_descr(dtype)).encode("utf-8")
 
 
@@ -359,7 +390,7 @@ def _parse_uncached(
         descr_len,
         extra_len,
         pid,
-        reserved,
+        lengths,
         start,
         generation,
         data_offset,
@@ -369,7 +400,7 @@ def _parse_uncached(
         raise LayoutError(f"{where} has no shared_memory_array header (magic {magic!r})")
     if version not in _READABLE_VERSIONS:
         raise LayoutError(
-            f"{where} has header format version {version}; this library reads 1 and 2"
+            f"{where} has header format version {version}; this library reads 1, 2 and 3"
         )
     fixed_size = _V1_FIXED_SIZE if version == 1 else FIXED_SIZE
     if not fixed_size <= header_size <= min(size, MAX_HEADER_SIZE) or header_size % ALIGNMENT:
@@ -392,19 +423,29 @@ def _parse_uncached(
     _check_kind(kind, expected_kind, where)
     if flags_value & ~_KNOWN_FLAGS:
         raise LayoutError(f"{where}: unknown header flags {flags_value:#x}")
-    if reserved:
-        raise LayoutError(f"{where}: reserved header field is {reserved}, expected 0")
+    if version < 3:
+        if lengths:
+            raise LayoutError(f"{where}: reserved header field is {lengths}, expected 0")
+        name_len = 0
+        area_size = _V2_AREA_SIZE if version == 2 else 0
+    else:
+        name_len, area_size = lengths & 0xFFFF, 8 * (lengths >> 16)
+        if area_size != AREA_SIZE:
+            raise LayoutError(
+                f"{where}: lifetime area of {area_size} bytes (this library uses {AREA_SIZE})"
+            )
+        if name_len > MAX_NAME_BYTES:
+            raise LayoutError(f"{where}: name of {name_len} bytes is too long")
     if ndim > MAX_NDIM:
         raise LayoutError(f"{where}: ndim {ndim} exceeds {MAX_NDIM}")
     if descr_len > MAX_DESCR_LEN:
         raise LayoutError(f"{where}: dtype description of {descr_len} bytes is too long")
-    variable_end = fixed_size + 16 * ndim + descr_len + extra_len
+    variable_end = fixed_size + 16 * ndim + descr_len + extra_len + name_len
     if variable_end > header_size:
         raise LayoutError(
             f"{where}: header fields need {variable_end} bytes but header_size is {header_size}"
         )
-    lifetime_size = LIFETIME_SIZE if version >= 2 else 0
-    if data_offset % ALIGNMENT or data_offset < header_size + lifetime_size:
+    if data_offset % ALIGNMENT or data_offset < header_size + area_size:
         raise LayoutError(f"{where}: data_offset {data_offset} is invalid")
     if data_offset + nbytes > size:
         _check_fits(
@@ -423,6 +464,11 @@ def _parse_uncached(
     elif ndim:
         raise LayoutError(f"{where}: a shape {shape} without a dtype")
     extra_at = descr_at + descr_len
+    name_at = extra_at + extra_len
+    try:
+        block_name = bytes(buf[name_at : name_at + name_len]).decode("utf-8", "surrogateescape")
+    except UnicodeDecodeError:  # pragma: no cover - surrogateescape decodes any bytes
+        raise LayoutError(f"{where}: the name is not UTF-8") from None
     return Header(
         kind=kind,
         flags=HeaderFlags(flags_value),
@@ -434,10 +480,12 @@ def _parse_uncached(
         creator_pid=pid,
         creator_start=start,
         generation=generation,
-        extra=bytes(buf[extra_at : extra_at + extra_len]),
+        extra=bytes(buf[extra_at:name_at]),
         header_size=header_size,
         version=version,
         block_id=bytes(buf[_V1_FIXED_SIZE:FIXED_SIZE]) if version >= 2 else b"",
+        name=block_name,
+        area_size=area_size,
     )
 
 

@@ -1,33 +1,37 @@
-"""An identity of the shared-memory filesystem this process sees.
+"""An identity of the shared-memory namespace this process sees.
 
 Two processes can share a block by name exactly when they see the same
-/dev/shm. :func:`shm_identity` returns a short hex string that is equal for
-every process of one effective uid that sees the same /dev/shm, and different
-otherwise. The adapters for Dask and Ray compare a receiver's identity with
-their own to decide whether a handle can go *by handle* (the receiver attaches)
-or must go *by value* (one copy through the engine).
+shared-memory namespace. :func:`shm_identity` returns a short hex string that is
+equal for every process of one effective uid that sees the same namespace, and
+different otherwise. Handles and tokens carry it, so a handle that reaches
+another host (or another container's /dev/shm) raises instead of attaching a
+namesake; the Dask and Ray adapters compare a receiver's identity with their
+own to decide whether a handle can go *by handle* (the receiver attaches) or
+must go *by value* (one copy through the engine).
 
 What goes into it, and why
 --------------------------
-* ``st_dev`` and ``st_ino`` of /dev/shm: a tmpfs mount is one superblock with
+* The device and inode of the blocks' directory (``/dev/shm``, or the one
+  given to ``configure(directory=...)``): a tmpfs mount is one superblock with
   its own anonymous device number, so a worker in a private mount namespace
   with its own tmpfs on /dev/shm (a container without ``--ipc=host``) gets
   another identity, while a bind mount of the same tmpfs (``--ipc=host``,
   ``-v /dev/shm:/dev/shm``) keeps it: that is exactly "can attach by name".
-* The kernel's ``boot_id`` (``/proc/sys/kernel/random/boot_id``, random at each
-  boot, not namespaced): device numbers are small integers that repeat from
-  host to host and from boot to boot; the boot id tells those apart.
+* The platform's boot id (random at each boot, not namespaced): device numbers
+  are small integers that repeat from host to host and from boot to boot.
 * The effective uid: blocks are created mode 0600 and another user's block is
   refused (``UntrustedBlockError``), so two uids never share a block.
+* The backend (``linux``, ``posix``): their lifetime locks live in different
+  places, so a block is shared only by processes of the same backend.
 
 Never a hostname or an IP address: containers with host networking share
-both without sharing /dev/shm. Where /dev/shm or the boot id is missing (not
-Linux), the corresponding part is left out and the identity is still stable
-for the processes of one machine.
+both without sharing /dev/shm. Where the platform knows no directory or boot
+id, that part is left out and the identity is still stable for the processes
+of one machine.
 
-The value is cached per process and recomputed in a forked child (a stat and
-a 37-byte read, about 10 µs), since a child may have entered another mount
-namespace before it serialises anything.
+The value is cached per process and recomputed in a forked child (which may
+have entered another mount namespace before it serialises anything) and after
+``configure(directory=...)``.
 """
 
 from __future__ import annotations
@@ -36,54 +40,51 @@ import hashlib
 import os
 from typing import Final
 
+from ._platform import backend
+from ._process import ForkPhase, at_fork
 from .errors import BlockNotFoundError
 
-__all__ = ["IDENTITY_LENGTH", "check_same_shm", "shm_identity"]
+__all__ = ["IDENTITY_LENGTH", "check_same_shm", "forget", "shm_identity"]
 
 IDENTITY_LENGTH: Final = 16  # hex digits
 
-SHM_DIR = "/dev/shm"
-_BOOT_ID = "/proc/sys/kernel/random/boot_id"
-
-_cache: dict[int, str] = {}  # pid -> identity: a forked child sees another pid
+_cached: list[str] = []
 
 
-def _compute(shm_dir: str = SHM_DIR) -> str:
-    try:
-        info = os.stat(shm_dir)
-        where = f"{info.st_dev}:{info.st_ino}"
-    except OSError:
-        where = "-"
-    try:
-        with open(_BOOT_ID, encoding="ascii") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = "-"
-    euid = os.geteuid() if hasattr(os, "geteuid") else -1
-    digest = hashlib.blake2b(f"sma-shm:{euid}:{where}:{boot}".encode(), digest_size=8)
-    return digest.hexdigest()
+def _compute() -> str:
+    directory = backend.directory
+    where = "-"
+    if directory is not None:
+        try:
+            info = os.stat(directory)
+            where = f"{directory}:{info.st_dev}:{info.st_ino}"
+        except OSError:
+            pass
+    text = f"sma-shm:{backend.name}:{backend.uid()}:{where}:{backend.boot_id()}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def shm_identity() -> str:
-    """Identity of the /dev/shm this process sees, as 16 hex digits.
+    """Identity of the shared-memory namespace this process sees, as 16 hex digits.
 
     Equal for all processes of the same effective uid that see the same
-    /dev/shm (same host, same boot, same tmpfs); different for a process on
-    another host, after a reboot, or in a mount namespace with its own tmpfs on
-    /dev/shm. Cached per process (and recomputed after ``fork``).
+    namespace (same host, same boot, same tmpfs, same backend); different for
+    a process on another host, after a reboot, or in a mount namespace with
+    its own tmpfs on /dev/shm. Cached per process.
 
     Examples
     --------
     >>> len(shm_identity())
     16
     """
-    pid = os.getpid()
-    identity = _cache.get(pid)
-    if identity is None:
-        identity = _compute()
-        _cache.clear()  # drop the parent's entry in a forked child
-        _cache[pid] = identity
-    return identity
+    if not _cached:
+        _cached.append(_compute())
+    return _cached[0]
+
+
+def forget() -> None:
+    """Compute the identity afresh at its next use (after a fork, or a new directory)."""
+    _cached.clear()
 
 
 def check_same_shm(name: str, identity: str | None) -> None:
@@ -95,7 +96,7 @@ def check_same_shm(name: str, identity: str | None) -> None:
     Raises
     ------
     BlockNotFoundError
-        ``identity`` is another /dev/shm's: the block lives on another host.
+        ``identity`` is another namespace's: the block lives on another host.
     """
     if identity is not None and identity != shm_identity():
         raise BlockNotFoundError(
@@ -104,3 +105,6 @@ def check_same_shm(name: str, identity: str | None) -> None:
             "another mount namespace's): this handle cannot be attached here; send the "
             "data by value instead",
         )
+
+
+at_fork(ForkPhase.PID, after_in_child=forget)

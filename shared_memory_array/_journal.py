@@ -82,20 +82,6 @@ from ._table import (
 
 __all__ = ["Journal", "restore_slot"]
 
-_identity = [current_identity()]  # (pid, start time), refreshed in a forked child
-
-
-def _refresh_identity() -> None:
-    _identity[0] = current_identity()
-
-
-try:
-    from os import register_at_fork
-except ImportError:  # pragma: no cover - Windows
-    pass
-else:
-    register_at_fork(after_in_child=_refresh_identity)
-
 
 def restore_slot(table: memoryview, index: int, word: int) -> None:
     """Repair step 1 for one record: put ``word`` back into slot ``index``.
@@ -132,7 +118,7 @@ class Journal:
     def begin(self) -> int:
         """Record a mutation in progress (step 1); return the new version."""
         ctl = self._ctl
-        pid, start = _identity[0]
+        pid, start = current_identity()
         ctl[HOLDER_START] = start
         ctl[HOLDER_PID] = pid
         version = ctl[VERSION] + 1

@@ -32,6 +32,7 @@ import threading
 from types import TracebackType
 
 from ._block import SharedBlock
+from ._process import ForkPhase, at_fork
 
 try:
     import fcntl
@@ -218,5 +219,4 @@ def _after_fork_in_child() -> None:
         lock._reopen_after_fork()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork(ForkPhase.LOCKS, after_in_child=_after_fork_in_child)

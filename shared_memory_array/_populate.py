@@ -14,8 +14,8 @@ page-table entries for pages the block already has (``posix_fallocate``
 reserved them all).
 
 * ``madvise(MADV_POPULATE_READ)`` then ``madvise(MADV_POPULATE_WRITE)``
-  (Linux >= 5.14), per chunk of :data:`CHUNK` bytes, through ``ctypes`` so the
-  GIL is released during each call. The read pass goes first because read
+  (Linux >= 5.14, through the platform layer), per chunk of :data:`CHUNK`
+  bytes, with the GIL released during each call. The read pass goes first because read
   faults of a file mapping map up to 16 neighbouring pages at once
   ("fault-around"); on tmpfs those entries are already writable, so the write
   pass then only walks them (measured here for 1 GB: read 0.2 s + write
@@ -43,8 +43,10 @@ to the last view, see :mod:`._block`), and is unmapped by the thread as it
 lets the view go.
 
 One thread per process serves every job in turn and exits when none is
-left: no thread runs once the pool is empty. A forked child starts with no
-job and no thread.
+left: no thread runs once the pool is empty. Before a ``fork()`` the thread is
+stopped at the end of its current chunk (its job goes back to the front of the
+queue) and restarted in the parent afterwards, so no library thread is alive
+across a fork; a forked child starts with no job and no thread.
 """
 
 from __future__ import annotations
@@ -54,18 +56,16 @@ import contextlib
 import ctypes
 import errno
 import mmap
-import os
-import sys
 import threading
-from collections.abc import Callable
-from typing import Final, cast
+from typing import Final
 
 import numpy as np
 
+from ._platform import backend
+from ._process import ForkPhase, at_fork, wait_thread_exit
+
 __all__ = ["CHUNK", "MIN_BYTES", "Job", "idle", "prefault", "submit", "wait_idle"]
 
-MADV_POPULATE_READ: Final = 22
-MADV_POPULATE_WRITE: Final = 23
 CHUNK: Final = 32 << 20
 """Bytes populated per call: how far the thread runs after a job is cancelled."""
 MIN_BYTES: Final = 1 << 20
@@ -73,22 +73,8 @@ MIN_BYTES: Final = 1 << 20
 THREAD_NAME: Final = "shared_memory_array-populate"
 
 
-def _load_madvise() -> Callable[[int, int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.madvise
-    except (OSError, AttributeError):  # pragma: no cover - no libc symbols (static builds)
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return cast("Callable[[int, int, int], int]", function)
-
-
-_madvise = _load_madvise()
 # Cleared the first time the kernel answers EINVAL: from then on, the read fallback.
-_madvise_works = _madvise is not None
+_madvise_works = backend.can_populate
 
 
 def _address(view: memoryview) -> int | None:
@@ -103,11 +89,7 @@ def _address(view: memoryview) -> int | None:
 
 def _advise(address: int, length: int) -> int:
     """Populate ``length`` bytes at ``address`` (read, then write pass); 0 or an errno."""
-    assert _madvise is not None
-    for advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
-        if _madvise(address, length, advice) != 0:
-            return ctypes.get_errno()
-    return 0
+    return backend.populate(address, length)
 
 
 def _read_pages(view: memoryview, start: int, stop: int) -> None:
@@ -196,21 +178,26 @@ class Job:
         """Stop at the end of the current chunk (never waits; idempotent)."""
         self.cancelled = True
 
-    def _run(self) -> None:
+    def _run(self) -> bool:
+        """Populate until done, cancelled or paused; ``True`` if paused (run again later)."""
         view = self._view
         try:
             while view is not None and not self.cancelled and self.populated < self.size:
+                if _paused:
+                    return True
                 stop = min(self.size, self.populated + CHUNK)
                 if not prefault(view, self.populated, stop):
                     break
                 self.populated = stop
         finally:
-            self._view = None
-            if view is not None:
-                # Drops our hold on the mapping: a block discarded meanwhile is unmapped now.
-                with contextlib.suppress(BufferError):
-                    view.release()
-            self.done = True
+            if not _paused or self.cancelled or self.populated >= self.size:
+                self._view = None
+                if view is not None:
+                    # Drops our hold on the mapping: a block discarded meanwhile is unmapped now.
+                    with contextlib.suppress(BufferError):
+                        view.release()
+                self.done = True
+        return False
 
 
 _jobs: collections.deque[Job] = collections.deque()
@@ -238,13 +225,18 @@ def _serve() -> None:
     global _thread
     while True:
         with _lock:
-            if not _jobs:
+            if not _jobs or _paused:
                 _thread = None
                 return
             job = _jobs.popleft()
+        paused = False
         with contextlib.suppress(Exception):  # a bad block never kills the thread
-            job._run()
-        job.done = True
+            paused = job._run()
+        if paused:
+            with _lock:
+                _jobs.appendleft(job)
+        else:
+            job.done = True
 
 
 def idle() -> bool:
@@ -262,12 +254,41 @@ def wait_idle(timeout: float) -> bool:
     return idle()
 
 
+_paused = False
+
+
+def _before_fork() -> None:
+    """Stop the thread at the end of its chunk; its job waits at the front of the queue."""
+    global _paused
+    with _lock:
+        thread = _thread
+        _paused = True
+    if thread is not None:
+        wait_thread_exit(thread)
+
+
+def _after_fork_in_parent() -> None:
+    global _paused, _thread
+    with _lock:
+        _paused = False
+        if _jobs and _thread is None:
+            _thread = threading.Thread(target=_serve, name=THREAD_NAME, daemon=True)
+            _thread.start()
+
+
 def _after_fork_in_child() -> None:
-    global _lock, _thread
+    global _lock, _thread, _paused
     _lock = threading.Lock()
     _thread = None
+    _paused = False
+    for job in _jobs:
+        job.cancel()
     _jobs.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+at_fork(
+    ForkPhase.POPULATE,
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

@@ -1,10 +1,10 @@
 """The reaper: unlink blocks that nobody holds, whoever created them, whenever they let go.
 
 The one decision of API.md section 0, made in one place for every kind of block
-(:func:`judge`), and the three moments it runs without being asked:
+(:func:`judge`, :func:`reap`), and the moments it runs without being asked:
 
-* when a mapping goes and its block has no owner any more (:func:`after_last_mapping`:
-  "whichever process lets go last");
+* when a mapping goes and its block has no owner any more ("whichever process
+  lets go last": the block layer calls :func:`after_last_mapping`);
 * on the first block-creating call of a process, then at most every
   :data:`SCAN_INTERVAL` seconds (:func:`maybe_reap_all`);
 * at a process's normal exit (interpreter exit, and multiprocessing children,
@@ -13,23 +13,34 @@ The one decision of API.md section 0, made in one place for every kind of block
 
 :func:`~shared_memory_array.cleanup` is the same decision on request.
 
-The decision, for one name in /dev/shm:
-
+The decision, for one name
+--------------------------
 1. Not a regular file, another user's, or writable by others: never touched.
-2. Held (a process maps it: its HOLD lock, see :mod:`._lifetime`): kept. The
-   reaper takes HOLD exclusively to ask, and keeps it until it has unlinked, so
-   no process can attach in between.
-3. A handle of it in flight (pickled, not yet unpickled) less than
-   :func:`grace_seconds` ago: kept.
-4. A v1 block (no lifetime words, no HOLD locks: written by an older version of
-   this library): kept while its creator's pid runs (pid and start time).
-5. An unreadable header: kept while it may still be being created (changed less
-   than 60 s ago, its first bytes name a running creator, or a process has it
-   open or mapped).
-6. Otherwise unlinked, after checking that the name still names the file judged.
+2. In use: a process maps it (HOLD) or owns it (OWNER), asked of the kernel
+   (see :mod:`._lifetime`). The reaper takes HOLD exclusively to ask, and keeps
+   it until it has unlinked, so no process can attach in between. Kept --
+   except a block whose owner ended it explicitly while pickled handles of it
+   were in flight (state ``closing``): once none is in flight any more, its
+   name goes even while it is mapped, as the owner's ``close()`` asked.
+3. A pickled handle of it in flight less than the grace ago
+   (:func:`~._lifetime.grace_seconds`): kept. A stamp from the future (a
+   clock step) counts as now, and the reaper rewrites it so.
+4. A policy of its kind says to keep it (:data:`KIND_POLICIES`: a dict's
+   data block while its dict uses it).
+5. A v1 block (no lifetime locks: an older version of this library): kept
+   while its creator's pid runs (pid and start time).
+6. An unreadable header: kept while it may still be being created (changed
+   less than :data:`UNREADABLE_GRACE` ago, its first bytes name a running
+   creator, or a process has it open or mapped).
+7. A block of the other POSIX backend (its locks live elsewhere): kept.
+8. Otherwise unlinked, after checking that the name still names the file judged.
 
-Creator pids and start times never decide a v2 block's fate (they differ across
-pid and time namespaces); they only explain, in ``list_blocks``.
+Headers are read with ``pread``, never through a mapping: a block cut short by
+a kill during its reservation is all holes, and reading a hole through a
+mapping of a full filesystem is a SIGBUS.
+
+Creator pids and start times never decide a v2 or v3 block's fate (they differ
+across pid and time namespaces); they only explain, in ``list_blocks``.
 """
 
 from __future__ import annotations
@@ -37,49 +48,39 @@ from __future__ import annotations
 import atexit
 import contextlib
 import enum
-import mmap
 import multiprocessing.util
 import os
 import stat
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from . import _lifetime
-from ._header import Header, parse_header, peek_creator
-from ._process import is_alive
+from . import _block, _lifetime
+from ._header import BlockKind, Header, parse_header, peek_creator
+from ._platform import HOLD, OWNER, BlockLocks, backend
+from ._process import is_alive, this_pid
 from .errors import LayoutError
 
 __all__ = [
-    "GRACE_ENV",
+    "KIND_POLICIES",
     "SCAN_INTERVAL",
-    "SHM_DIR",
+    "UNREADABLE_GRACE",
     "Judgement",
+    "Verdict",
     "after_last_mapping",
-    "grace_seconds",
+    "block_names",
+    "exit_hook",
+    "judge",
     "maybe_reap_all",
     "reap",
 ]
 
-SHM_DIR: Final = "/dev/shm"
-PREFIX: Final = "sma_"
-CAN_SCAN: Final = sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
 UNREADABLE_GRACE: Final = 60.0
 """Seconds an unreadable block is left alone after its last change (it may be mid-creation)."""
-DEFAULT_GRACE: Final = 60.0
-GRACE_ENV: Final = "SHARED_MEMORY_ARRAY_HANDOFF_GRACE"
 SCAN_INTERVAL: Final = 5.0
-
-
-def grace_seconds() -> float:
-    """Seconds a pickled handle is waited for (``$SHARED_MEMORY_ARRAY_HANDOFF_GRACE``, 60)."""
-    try:
-        return max(0.0, float(os.environ.get(GRACE_ENV, DEFAULT_GRACE)))
-    except ValueError:
-        return DEFAULT_GRACE
+_HEADER_READ: Final = 4096
 
 
 class Verdict(enum.Enum):
@@ -97,7 +98,7 @@ class Judgement:
     Attributes
     ----------
     name : str
-        Block name (no leading slash).
+        The block's system name (no leading slash).
     verdict : Verdict
         Reap, keep, or gone meanwhile.
     reason : str
@@ -105,7 +106,8 @@ class Judgement:
     state : str
         ``"live"``, ``"pooled"``, ``"orphan"`` (nobody holds it: it goes) or ``"unreadable"``.
     in_use : bool or None
-        Whether a process maps it, asked of the kernel; ``None`` if that cannot be asked.
+        Whether a process maps or owns it, asked of the kernel; ``None`` if that
+        cannot be asked.
     header : Header or None
         The parsed header, ``None`` when unreadable.
     stat : os.stat_result or None
@@ -113,7 +115,9 @@ class Judgement:
     error : str or None
         Why the header could not be read.
     in_flight : int
-        Handles pickled and not yet unpickled (v2 blocks).
+        Handles pickled and not yet unpickled, within their grace.
+    raw_creator : tuple of int or None
+        The creator pid and start time an unreadable header's first bytes name.
     """
 
     name: str
@@ -128,106 +132,115 @@ class Judgement:
     raw_creator: tuple[int, int] | None = None
 
 
-def _my_uid() -> int:
-    return os.geteuid() if hasattr(os, "geteuid") else -1
+@dataclass(frozen=True)
+class BlockFacts:
+    """What a kind's policy may look at: the block's header and how to read more of it."""
+
+    name: str
+    header: Header
+    read: Callable[[int, int], bytes]
 
 
-def _inodes_in_use(judging_fd: int = -1) -> set[int]:
-    """Inodes of /dev/shm files that any process we may inspect has mapped or open.
+KIND_POLICIES: dict[BlockKind, Callable[[BlockFacts], str | None]] = {}
+"""Per kind, a policy that returns a reason to keep an unheld block (or ``None``)."""
 
-    Only for blocks without HOLD locks (unreadable headers): read from
-    ``/proc/PID/maps`` and ``/proc/PID/fd``. ``judging_fd``, the descriptor this
-    process opened to judge the block, is not counted.
+
+def _read_header(
+    read: Callable[[int, int], bytes], size: int, name: str
+) -> tuple[Header | None, str | None, tuple[int, int] | None, bytes]:
+    """Parse the header read through ``read`` (never a mapping); also the lifetime area's bytes.
+
+    Returns ``(header, error, raw creator, area bytes)``.
     """
-    own_pid = str(os.getpid())
-    inodes: set[int] = set()
-    shm_prefix = SHM_DIR + "/"
-    try:
-        pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
-    except OSError:
-        return inodes
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps", "rb") as maps:
-                lines = maps.read().decode("utf-8", "replace").splitlines()
-        except OSError:
-            continue  # exited, or not ours to read
-        for line in lines:
-            fields = line.split(None, 5)  # address perms offset dev inode path
-            if len(fields) == 6 and fields[5].startswith(shm_prefix) and fields[4].isdigit():
-                inodes.add(int(fields[4]))
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if pid == own_pid and fd == str(judging_fd):
-                    continue
-                with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(shm_prefix):
-                        inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
-    return inodes
-
-
-def _read_header(fd: int, size: int, name: str) -> tuple[Header | None, str | None, object]:
-    """Map the block read-only and parse its header; ``(header, error, words)``."""
     if size == 0:
-        return None, f"block {name!r} is 0 bytes, too short for a header", None
-    mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return None, f"block {name!r} is 0 bytes, too short for a header", None, b""
+    raw = read(min(size, _HEADER_READ), 0)
+    if len(raw) >= 20:
+        header_size = int.from_bytes(raw[16:20], "little")
+        if len(raw) < header_size <= min(size, 1 << 20):
+            raw = read(header_size, 0)
     try:
-        view = memoryview(mapping)
-        try:
-            try:
-                header = parse_header(view, name=name)
-            except LayoutError as exc:
-                return None, str(exc), peek_creator(view)
-            words = None
-            if header.lifetime_offset is not None:
-                words = _lifetime.decode_words(view, header.lifetime_offset)
-            return header, None, words
-        finally:
-            view.release()
-    finally:
-        mapping.close()
+        header = parse_header(raw, name=name, block_size=size)
+    except LayoutError as exc:
+        return None, str(exc), peek_creator(raw), b""
+    area = b""
+    if header.lifetime_offset is not None:
+        area = read(header.area_size, header.lifetime_offset)
+    return header, None, None, area
 
 
 def _judge_open(
-    name: str, fd: int, info: os.stat_result, *, exclusive: bool, now: float
+    name: str,
+    fd: int,
+    locks: BlockLocks,
+    info: os.stat_result,
+    *,
+    exclusive: bool,
+    now: float,
 ) -> Judgement:
     """Judge the block open on ``fd``; with ``exclusive``, HOLD was taken exclusively."""
     if exclusive:
-        in_use: bool | None = False
-    elif _lifetime.HAVE_OFD_LOCKS:
-        in_use = _lifetime.held_by_others(fd, _lifetime.HOLD)
+        in_use: bool | None = locks.held_by_others(OWNER)
+    elif backend.kernel_holds:
+        in_use = locks.held_by_others(HOLD) or locks.held_by_others(OWNER)
     else:
         in_use = None
+
+    def read(size: int, offset: int) -> bytes:
+        return backend.read_at(fd, size, offset)
+
     try:
-        header, error, extra = _read_header(fd, info.st_size, name)
+        header, error, raw_creator, area = _read_header(read, info.st_size, name)
     except OSError as exc:
-        return Judgement(name, Verdict.KEEP, f"cannot map: {exc.strerror}", "unreadable", in_use)
+        return Judgement(name, Verdict.KEEP, f"cannot read: {exc.strerror}", "unreadable", in_use)
     if header is None:
-        raw_creator = extra if isinstance(extra, tuple) else None
         return _judge_unreadable(name, info, error or "", in_use, raw_creator, now, fd)
-    assert extra is None or isinstance(extra, tuple)
-    in_flight, last_ns, state_word = extra if extra is not None else (0, 0, 0)
+    in_flight = _lifetime.InFlight()
+    state_word = _lifetime.STATE_LIVE
+    if header.lifetime_offset is not None and len(area) >= header.area_size:
+        in_flight = _lifetime.in_flight_at(area, header.version)
+        state_word = _lifetime.state_at(area, header.version)
 
     def judged(verdict: Verdict, reason: str, state: str) -> Judgement:
         return Judgement(
-            name, verdict, reason, state, in_use, header=header, stat=info, in_flight=in_flight
+            name,
+            verdict,
+            reason,
+            state,
+            in_use,
+            header=header,
+            stat=info,
+            in_flight=in_flight.count,
         )
 
     alive = is_alive(header.creator_pid, header.creator_start)
     creator = f"creator pid {header.creator_pid} {'is running' if alive else 'has exited'}"
     state = "pooled" if state_word == _lifetime.STATE_POOLED else "live"
+    if header.portable != (backend.name == "posix"):
+        other = "portable" if header.portable else "linux"
+        return judged(Verdict.KEEP, f"made by the {other} backend: its locks live elsewhere", state)
+    closing = state_word == _lifetime.STATE_CLOSING
+    if closing and not in_flight.count:
+        return judged(Verdict.REAP, "its owner ended it; no handle of it is in flight", "orphan")
     if in_use:  # before the v1 rule: this version's mappings of a v1 block hold HOLD too
         return judged(Verdict.KEEP, f"in use: a process maps it ({creator})", state)
-    if header.version < 2:  # no HOLD locks from older versions: the creator's pid decides
+    if header.version < 2:  # no lifetime locks from older versions: the creator's pid decides
         if alive:
             return judged(Verdict.KEEP, creator, "live")
         return judged(Verdict.REAP, f"{creator} (format v1)", "orphan")
     if in_use is None:
         return judged(Verdict.KEEP, "cannot ask the kernel who holds it", state)
-    age = now - last_ns / 1e9
-    if in_flight and age < grace_seconds():
-        reason = f"{in_flight} pickled handle(s) in flight, the last pickled {age:.0f} s ago"
+    if in_flight.count:
+        reason = (
+            f"{in_flight.count} pickled handle(s) in flight, the newest pickled "
+            f"{in_flight.newest_age:.0f} s ago"
+        )
         return judged(Verdict.KEEP, reason, "live")
+    policy = KIND_POLICIES.get(header.kind)
+    if policy is not None:
+        keep = policy(BlockFacts(name, header, read))
+        if keep is not None:
+            return judged(Verdict.KEEP, keep, state)
     return judged(Verdict.REAP, f"no process holds it ({creator})", "orphan")
 
 
@@ -252,13 +265,16 @@ def _judge_unreadable(
             raw_creator=raw_creator,
         )
 
+    if in_use:
+        return keep(f"header unreadable, but a process holds it (being created?): {error}")
     if raw_creator is not None and is_alive(*raw_creator):
         return keep(f"header unreadable but names running pid {raw_creator[0]}: {error}")
     age = now - max(info.st_mtime, info.st_ctime)
     if age < UNREADABLE_GRACE:
         return keep(f"header unreadable, changed {age:.0f} s ago (may be being created)")
-    if in_use or info.st_ino in _inodes_in_use(judging_fd):
-        return keep(f"header unreadable, but a process has it open or mapped: {error}")
+    in_use_elsewhere = backend.inodes_in_use(judging_fd)
+    if in_use_elsewhere is None or info.st_ino in in_use_elsewhere:
+        return keep(f"header unreadable, and a process may have it open or mapped: {error}")
     return Judgement(
         name,
         Verdict.REAP,
@@ -271,42 +287,45 @@ def _judge_unreadable(
     )
 
 
-def _open(name: str) -> tuple[int, os.stat_result, bool] | Judgement:
-    """Open ``name`` in /dev/shm for judging, or say why it is not ours to judge."""
-    path = os.path.join(SHM_DIR, name)
+def _open(name: str) -> tuple[int, BlockLocks, os.stat_result, bool] | Judgement:
+    """Open ``name`` for judging, or say why it is not ours to judge."""
     try:
-        link = os.lstat(path)
+        link = backend.lstat_entry(name)
     except FileNotFoundError:
         return Judgement(name, Verdict.GONE, "gone", "unreadable", None)
-    except OSError as exc:
-        return Judgement(name, Verdict.KEEP, f"cannot stat: {exc.strerror}", "unreadable", None)
-    if not stat.S_ISREG(link.st_mode):
-        return Judgement(name, Verdict.KEEP, "not a regular file", "unreadable", None, stat=link)
-    if link.st_uid != _my_uid():
-        reason = f"owned by uid {link.st_uid}, not by this user"
-        return Judgement(name, Verdict.KEEP, reason, "unreadable", None, stat=link)
-    if link.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        reason = f"writable by group or others (mode {stat.S_IMODE(link.st_mode):o}): not ours"
-        return Judgement(name, Verdict.KEEP, reason, "unreadable", None, stat=link)
-    writable = True
-    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    except Exception as exc:
+        return Judgement(name, Verdict.KEEP, f"cannot stat: {exc}", "unreadable", None)
+    not_ours = _not_ours(link)
+    if not_ours is not None:
+        return Judgement(name, Verdict.KEEP, not_ours, "unreadable", None, stat=link)
     try:
-        fd = os.open(path, os.O_RDWR | flags)
-    except PermissionError:
-        writable = False
-        try:
-            fd = os.open(path, os.O_RDONLY | flags)
-        except OSError as exc:
-            return Judgement(name, Verdict.KEEP, f"cannot open: {exc.strerror}", "unreadable", None)
+        fd, writable = backend.open_for_judging(name)
     except FileNotFoundError:
         return Judgement(name, Verdict.GONE, "gone", "unreadable", None)
-    except OSError as exc:
-        return Judgement(name, Verdict.KEEP, f"cannot open: {exc.strerror}", "unreadable", None)
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_uid != _my_uid():
-        os.close(fd)  # replaced between lstat and open
+    except Exception as exc:
+        reason = f"cannot open: {getattr(exc, 'strerror', None) or exc}"
+        return Judgement(name, Verdict.KEEP, reason, "unreadable", None)
+    info = backend.fstat(fd)
+    if _not_ours(info) is not None:
+        backend.close_descriptor(fd)  # replaced between lstat and open
         return Judgement(name, Verdict.KEEP, "replaced while being judged", "unreadable", None)
-    return fd, info, writable
+    try:
+        locks = backend.locks(fd, name, writable=writable, created=False)
+    except Exception as exc:  # the portable backend's lock file may be gone meanwhile
+        backend.close_descriptor(fd)
+        return Judgement(name, Verdict.KEEP, f"cannot lock: {exc}", "unreadable", None, stat=info)
+    return fd, locks, info, writable
+
+
+def _not_ours(info: os.stat_result) -> str | None:
+    if not stat.S_ISREG(info.st_mode) and backend.directory is not None:
+        return "not a regular file"
+    uid = backend.uid()
+    if uid >= 0 and info.st_uid != uid:
+        return f"owned by uid {info.st_uid}, not by this user"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o}): not ours"
+    return None
 
 
 def judge(name: str, *, now: float | None = None) -> Judgement:
@@ -314,11 +333,12 @@ def judge(name: str, *, now: float | None = None) -> Judgement:
     opened = _open(name)
     if isinstance(opened, Judgement):
         return opened
-    fd, info, _ = opened
+    fd, locks, info, _ = opened
     try:
-        return _judge_open(name, fd, info, exclusive=False, now=time.time() if now is None else now)
+        when = time.time() if now is None else now
+        return _judge_open(name, fd, locks, info, exclusive=False, now=when)
     finally:
-        os.close(fd)
+        locks.close()
 
 
 def reap(name: str, *, now: float | None = None) -> Judgement:
@@ -335,48 +355,47 @@ def reap(name: str, *, now: float | None = None) -> Judgement:
     """
     opened = _open(name)
     if isinstance(opened, Judgement):
+        if opened.verdict is Verdict.GONE:
+            backend.forget_stale(name)  # a lock file whose block is gone (portable backend)
         return opened
-    fd, info, writable = opened
+    fd, locks, info, writable = opened
     when = time.time() if now is None else now
     try:
-        exclusive = writable and _lifetime.HAVE_OFD_LOCKS
-        if exclusive and not _lifetime.try_lock(fd, _lifetime.HOLD, exclusive=True):
-            return _judge_open(name, fd, info, exclusive=False, now=when)
-        judgement = _judge_open(name, fd, info, exclusive=exclusive, now=when)
+        exclusive = writable and backend.kernel_holds and locks.try_lock(HOLD, exclusive=True)
+        judgement = _judge_open(name, fd, locks, info, exclusive=exclusive, now=when)
         if judgement.verdict is not Verdict.REAP:
+            if exclusive and judgement.header is not None:
+                _clamp_future_stamps(fd, judgement.header)
             return judgement
-        path = os.path.join(SHM_DIR, name)
-        try:
-            if os.lstat(path).st_ino != info.st_ino:
-                return Judgement(name, Verdict.GONE, "replaced meanwhile", "unreadable", None)
-            os.unlink(path)
-        except FileNotFoundError:
+        if not locks.still_named():
+            return Judgement(name, Verdict.GONE, "replaced meanwhile", "unreadable", None)
+        if not backend.unlink(name):
             return Judgement(name, Verdict.GONE, "gone", "unreadable", None)
         return judgement
     finally:
-        os.close(fd)
+        locks.close()
+
+
+def _clamp_future_stamps(fd: int, header: Header) -> None:
+    """Rewrite stamps from the future (a clock step) as now: no step stretches a grace."""
+    offset = header.lifetime_offset
+    if offset is None or header.version < 3 or not backend.positional_io:
+        return
+    area = bytearray(backend.read_at(fd, header.area_size, offset))
+    if _lifetime.clamp_stamps(area, backend.shared_clock_ns()):
+        backend.write_at(fd, memoryview(area), offset)
 
 
 def block_names() -> list[str]:
-    """Names in /dev/shm with this library's prefix, sorted; empty where there is no scan."""
-    if not CAN_SCAN:
-        return []
-    try:
-        with os.scandir(SHM_DIR) as entries:
-            return sorted(entry.name for entry in entries if entry.name.startswith(PREFIX))
-    except OSError:
-        return []
+    """System names of this library's blocks, sorted; empty where the platform cannot list."""
+    return backend.list_names() if backend.can_list else []
 
 
 def _reap_quietly(names: Iterable[str]) -> None:
     """Reap each of ``names``; a failure leaves that block to the next scan."""
     for name in names:
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, LayoutError):
             reap(name)
-
-
-def _reap_all_quietly() -> None:
-    _reap_quietly(block_names())
 
 
 _scan_lock = threading.Lock()
@@ -389,21 +408,21 @@ def maybe_reap_all() -> None:
     Called by every block-creating call: the first one of a process always scans.
     """
     global _last_scan
-    if not (CAN_SCAN and _lifetime.HAVE_OFD_LOCKS):
+    if not (backend.can_list and backend.kernel_holds):
         return
     now = time.monotonic()
     if now - _last_scan < SCAN_INTERVAL or not _scan_lock.acquire(blocking=False):
         return
     try:
         _last_scan = now
-        _reap_all_quietly()
+        _reap_quietly(block_names())
     finally:
         _scan_lock.release()
 
 
 def after_last_mapping(name: str) -> None:
     """A mapping of ``name`` went and its block had no owner: unlink it if nobody else holds it."""
-    if CAN_SCAN and _lifetime.HAVE_OFD_LOCKS:
+    if backend.kernel_holds:
         _reap_quietly([name])
 
 
@@ -419,7 +438,7 @@ class _ExitHook:
 
     def arm(self) -> None:
         """Make sure this process runs the hook at its exit (also a multiprocessing child)."""
-        pid = _lifetime.this_pid()
+        pid = this_pid()
         if self._hooked_pid == pid:
             return
         with self._lock:
@@ -438,15 +457,18 @@ class _ExitHook:
         if self._ran_in == os.getpid():
             return  # atexit and multiprocessing's finalizer may both call it
         self._ran_in = os.getpid()
-        if not (CAN_SCAN and _lifetime.HAVE_OFD_LOCKS):
-            return
         for callback in self.before_exit:
             with contextlib.suppress(Exception):
                 callback()
+        if not (backend.can_list and backend.kernel_holds):
+            return
         with contextlib.suppress(Exception):  # exiting: nothing useful to do with an error
             names = _lifetime.let_go_all()
             _reap_quietly(sorted(names))
-            _reap_all_quietly()
+            _reap_quietly(block_names())
 
 
 exit_hook = _ExitHook()
+_block.hooks.before_create.append(maybe_reap_all)
+_block.hooks.on_use.append(exit_hook.arm)
+_block.hooks.after_last_mapping.append(after_last_mapping)

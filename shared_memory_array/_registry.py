@@ -20,16 +20,18 @@ valid UTF-8 arrive as the standard library decodes file names (undecodable
 bytes as lone surrogates, :func:`os.fsdecode`): they are judged like any other
 block, and :func:`describe_block` takes them back in that form.
 
-Platforms: on Linux the blocks are the files of ``/dev/shm``. macOS and
-Windows offer no way to enumerate named shared memory, so there
-:func:`list_blocks` returns an empty list and :func:`cleanup` an empty result.
+Platforms: the platform layer lists the blocks (:mod:`._platform`): on Linux
+the files of ``/dev/shm`` (or of the configured directory); on the portable
+backend its lock files, one per block. Windows offers no way to enumerate
+named mappings: there :func:`list_blocks` returns an empty list and
+:func:`cleanup` an empty result (the kernel frees a mapping with its last
+handle, so nothing can leak).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -42,12 +44,10 @@ from .errors import BlockNotFoundError
 
 __all__ = ["GRACE_PERIOD", "BlockInfo", "CleanupResult", "cleanup", "describe_block", "list_blocks"]
 
-SHM_DIR: Final = _reaper.SHM_DIR
 GRACE_PERIOD: Final = _reaper.UNREADABLE_GRACE
 """Seconds an unreadable block is left alone after its last change (it may be mid-creation)."""
 
-_CAN_SCAN: Final = sys.platform.startswith("linux")
-_NAME_MAX: Final = 255  # bytes of a file name in /dev/shm (tmpfs)
+_NAME_MAX: Final = 255  # bytes of a file name in a tmpfs
 UNKNOWN_KIND: Final = "unknown"
 
 
@@ -134,8 +134,8 @@ class CleanupResult:
 
 
 def _block_names() -> list[str]:
-    """Names in /dev/shm with this library's prefix, sorted; empty where there is no scan."""
-    return _reaper.block_names() if _CAN_SCAN else []
+    """System names of this library's blocks, sorted; empty where the platform cannot list."""
+    return _reaper.block_names()
 
 
 _ENTRY_TYPES: Final = {

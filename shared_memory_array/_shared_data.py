@@ -8,7 +8,7 @@ through the codec's reader, so numpy arrays are read-only zero-copy views, and
 caches the result per process.
 
 Cache hits after the block was unlinked: :meth:`SharedData.load` checks that the
-name still exists on every call (one ``stat`` of ``/dev/shm/<name>`` on Linux),
+name still exists on every call (one ``stat`` of the block's file on Linux),
 drops the entry and raises :class:`~shared_memory_array.BlockNotFoundError` if
 it is gone, so every process sees the same answer for a finished broadcast.
 Objects already returned stay valid: their views keep the mapping alive.
@@ -16,29 +16,22 @@ Objects already returned stay valid: their views keep the mapping alive.
 
 from __future__ import annotations
 
-import os
 import threading
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
 from typing_extensions import Self
 
-from . import _reaper
-from ._block import SharedBlock, normalize_name
-from ._codec import create_block, pickle_out_of_band, read_block
+from ._block import normalize_name
+from ._codec import CodecBlock, pickle_out_of_band, read_block
+from ._platform import backend
 from .errors import BlockNotFoundError
 
 __all__ = ["SharedData"]
 
 
 def _block_exists(name: str) -> bool:
-    if os.path.isdir(_reaper.SHM_DIR):
-        return os.path.exists(os.path.join(_reaper.SHM_DIR, name))
-    try:  # pragma: no cover - platforms without /dev/shm
-        SharedBlock.attach(name).close()
-    except BlockNotFoundError:  # pragma: no cover
-        return False
-    return True  # pragma: no cover
+    return backend.exists(backend.system_name(name))
 
 
 class SharedData:
@@ -75,13 +68,13 @@ class SharedData:
     _cache: ClassVar[dict[str, object]] = {}
     _cache_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    _block: SharedBlock | None = None
+    _block: CodecBlock | None = None
 
     def __init__(self, obj: object) -> None:
         self._obj: object = obj
         self._state: Literal["new", "open", "done"] = "new"
 
-    def _open_block(self, what: str) -> SharedBlock:
+    def _open_block(self, what: str) -> CodecBlock:
         if self._block is None or self._state != "open":
             when = "before entering" if self._state == "new" else "after leaving"
             raise RuntimeError(
@@ -109,13 +102,13 @@ class SharedData:
         RuntimeError
             Outside the ``with`` block.
         """
-        return self._open_block("size").size
+        return self._open_block("size")._live_block().size
 
     def __enter__(self) -> Self:
         if self._state != "new":
             raise RuntimeError("a SharedData is entered once; make a new one to share again")
         # Kept open until the end: this process holds the block for as long as it serves it.
-        block = create_block(pickle_out_of_band(self._obj))
+        block = CodecBlock.create(pickle_out_of_band(self._obj))
         self._block, self._state = block, "open"
         self._obj = None  # the block holds it now; let the caller's object go when it may
         return self
@@ -175,4 +168,4 @@ class SharedData:
     def __repr__(self) -> str:
         if self._block is None or self._state != "open":
             return f"<SharedData {'not entered' if self._state == 'new' else 'left'}>"
-        return f"<SharedData {self._block.name!r} {self._block.size} bytes>"
+        return f"<SharedData {self._block.name!r} {self.size} bytes>"

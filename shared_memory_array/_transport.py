@@ -29,8 +29,8 @@ from numpy.typing import NDArray
 
 from . import _codec
 from ._array import SharedArray
+from ._codec import Token, is_shared_token
 from ._dict import SharedDict
-from ._token import Token
 
 __all__ = [
     "HANDLE_TYPES",
@@ -39,16 +39,10 @@ __all__ = [
     "is_shared_token",
 ]
 
+
 # The codec returns tokens of a str subclass (API.md section 2); a plain str
 # cannot be told from any other string by type, so only a Token is adapted.
 HANDLE_TYPES: tuple[type[Any], ...] = (SharedArray, SharedDict, Token)
-
-_SHARED_PREFIX = f"{_codec.TOKEN_PREFIX}{_codec._MODE_SHARED}:"
-
-
-def is_shared_token(obj: object) -> bool:
-    """Whether ``obj`` is a token that names a shared-memory block (not an inline one)."""
-    return isinstance(obj, str) and obj.startswith(_SHARED_PREFIX)
 
 
 def by_handle(obj: Any) -> Any:

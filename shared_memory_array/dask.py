@@ -69,6 +69,7 @@ from typing import Any, Final
 from . import _transport
 from ._array import SharedArray
 from ._dict import SharedDict
+from ._handle import one_pickle_per_message
 from ._identity import shm_identity
 
 __all__ = ["HANDSHAKE_KEY", "install", "sends_by_handle"]
@@ -163,7 +164,9 @@ def _with_context(function: Callable[..., Any], position: int | None) -> Callabl
                     recipient = _client_scheduler_identity()
         token = _recipient.set(recipient)
         try:
-            return function(*args, **kwargs)
+            # Dask may encode one message several ways and send one: count each handle once.
+            with one_pickle_per_message():
+                return function(*args, **kwargs)
         finally:
             _recipient.reset(token)
 

@@ -13,6 +13,7 @@ __all__ = [
     "AllocationError",
     "BlockExistsError",
     "BlockNotFoundError",
+    "ClosedError",
     "LayoutError",
     "SharedArrayError",
     "UntrustedBlockError",
@@ -82,6 +83,15 @@ class BlockNotFoundError(_NamedBlockError, KeyError, FileNotFoundError):
         self.filename = name
 
 
+class BlockBusyError(BlockNotFoundError):
+    """Internal: the block is held exclusively for longer than an attach waits.
+
+    A codec writer rewriting a released block, or a reaper judging it. Callers
+    pick it by type (a codec reader turns it into "released"); to anyone else
+    it is a :class:`BlockNotFoundError`.
+    """
+
+
 class BlockExistsError(_NamedBlockError, FileExistsError):
     """A block of that name exists already (``create`` of a name in use).
 
@@ -115,6 +125,13 @@ class UntrustedBlockError(_NamedBlockError, PermissionError):
         self.name = name
         self.message = message
         super().__init__(errno.EPERM, message, name)
+
+
+class ClosedError(SharedArrayError, ValueError):
+    """The handle (a ``SharedArray``, a ``SharedDict``) was closed: its data cannot be used.
+
+    Also a :class:`ValueError`, as for a closed file.
+    """
 
 
 class LayoutError(SharedArrayError, ValueError):

@@ -15,7 +15,8 @@ FIELD_FORMATS = {
     "descr_len": (24, "<I"),
     "extra_len": (28, "<I"),
     "creator_pid": (32, "<I"),
-    "reserved": (36, "<I"),
+    "name_len": (36, "<H"),  # v3 (with area_words: the "reserved" word of v1 and v2)
+    "area_words": (38, "<H"),
     "creator_start": (40, "<Q"),
     "generation": (48, "<Q"),
     "data_offset": (56, "<Q"),

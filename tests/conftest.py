@@ -38,7 +38,7 @@ def library_blocks() -> set[str]:
 
 def _held_here(name: str) -> bool:
     """Whether this process still maps ``name`` (a test left a handle or a view open)."""
-    return any(hold.name == name and hold.fd >= 0 for hold in _lifetime.holds_of_this_process())
+    return any(hold.name == name and not hold.closed for hold in _lifetime.holds_of_this_process())
 
 
 def _left_by_us(name: str) -> bool:

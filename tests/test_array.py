@@ -207,8 +207,12 @@ def test_attach_to_a_block_of_another_kind_raises_layout_error() -> None:
 
 
 def test_attach_to_empty_or_headerless_block_raises_layout_error() -> None:
-    """A zero-filled block with no header is refused with LayoutError."""
+    """A zero-filled block with no header and no owner at work on it is refused with LayoutError.
+
+    (Owned and headerless, it is one still being created: see test_handle.)
+    """
     block = SharedBlock.create(4096)
+    block.hold.drop_owner()
     try:
         with pytest.raises(LayoutError, match="no shared_memory_array header"):
             SharedArray.attach(block.name)

@@ -23,7 +23,7 @@ import pytest
 
 import shared_memory_array as sma
 from shared_memory_array import __main__ as cli
-from shared_memory_array import _codec, _reaper, _registry
+from shared_memory_array import _codec, _lifetime, _registry
 from shared_memory_array._block import PREFIX, SharedBlock, new_name
 from shared_memory_array._header import (
     MAGIC,
@@ -32,6 +32,7 @@ from shared_memory_array._header import (
     encode_header,
     encoded_identity,
 )
+from shared_memory_array._platform import backend
 from shared_memory_array._process import current_identity
 
 TIMEOUT = 60
@@ -60,7 +61,7 @@ def run_cli(
     )
 
 
-NO_GRACE = {_reaper.GRACE_ENV: "0"}  # the CLI sees a shielded orphan as a plain orphan
+NO_GRACE = {_lifetime.GRACE_ENV: "0"}  # the CLI sees a shielded orphan as a plain orphan
 
 
 def assert_one_line_error(ran: subprocess.CompletedProcess[str], *fragments: str) -> None:
@@ -279,7 +280,7 @@ def test_inspect_decodes_the_header(blocks: list[SharedBlock]) -> None:
     assert fields["flags"] == "F_ORDER, READY"
     assert fields["creator_pid"] == str(os.getpid())
     assert fields["creator_alive"] == "yes"
-    assert fields["version"].split()[0] == "2"
+    assert fields["version"].split()[0] == "3"
     started = datetime.datetime.strptime(fields["creator_started"], "%Y-%m-%dT%H:%M:%SZ")
     started = started.replace(tzinfo=datetime.timezone.utc)
     boot = cli._boot_time()
@@ -320,7 +321,7 @@ def test_inspect_never_unpickles(tmp_path: Path) -> None:
         assert not marker.exists()
     finally:
         sma.release(token)
-        _codec._writer.drop_all()  # release pools the block for reuse; unlink it now
+        _codec.writer.drop_all()  # release pools the block for reuse; unlink it now
 
 
 class _Tripwire:
@@ -346,7 +347,7 @@ def test_inspect_unreadable_block_is_one_line_error(
     """``inspect`` of a corrupt, truncated or empty block fails with the parser's reason."""
     block = make_block(blocks, content)
     if not content:
-        os.truncate(os.path.join(_registry.SHM_DIR, block.name), 0)
+        os.truncate(os.path.join(backend.directory or "/dev/shm", block.name), 0)
     ran = run_cli("inspect", block.name)
     assert_one_line_error(ran, "cannot read the header", block.name)
 
@@ -400,7 +401,7 @@ def test_cleanup_failure_exits_1(
 ) -> None:
     """A block that cannot be unlinked is reported on stderr and makes the exit status 1."""
     orphan = write_orphan(entries, array_header())
-    monkeypatch.setenv(_reaper.GRACE_ENV, "0")
+    monkeypatch.setenv(_lifetime.GRACE_ENV, "0")
     monkeypatch.setattr(_registry, "_block_names", lambda: [orphan])
 
     def refuse(path: object, *args: object, **kwargs: object) -> None:

@@ -40,6 +40,7 @@ from shared_memory_array import (
     write,
 )
 from shared_memory_array._block import SharedBlock
+from shared_memory_array._codec import _tokens
 from shared_memory_array._header import BlockKind, encode_header, encoded_identity
 from shared_memory_array._identity import shm_identity
 
@@ -53,7 +54,7 @@ INLINE = 1 << 40  # threshold that keeps everything inline
 def _unlink_written_blocks(no_leaked_blocks: None) -> Iterator[None]:
     """Unlink the blocks this process wrote (live and pooled) before the leak check."""
     yield
-    _codec._writer.drop_all()
+    _codec.writer.drop_all()
 
 
 def _mode(token: str) -> str:
@@ -201,7 +202,7 @@ def test_pickle_buffer_comes_back_as_a_flat_memoryview() -> None:
 
 def test_buffers_beyond_the_cap_travel_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_BUFFERS out-of-band buffers, the rest are pickled in band and still round trip."""
-    monkeypatch.setattr(_codec, "MAX_BUFFERS", 2)
+    monkeypatch.setattr(_codec._pickling, "MAX_BUFFERS", 2)
     arrays = [np.full(3, i) for i in range(5)]
     pickled = _codec.pickle_out_of_band(arrays)
     assert len(pickled.buffers) == 2
@@ -315,7 +316,7 @@ def test_pool_is_capped_and_the_rest_is_unlinked() -> None:
     tokens = [write(np.full(100, i), threshold=SHARED) for i in range(_codec.POOL_MAX_BLOCKS + 3)]
     for token in tokens:
         release(token)
-    assert len(_codec._writer.pooled_names()) == _codec.POOL_MAX_BLOCKS
+    assert len(_codec.writer.pooled_names()) == _codec.POOL_MAX_BLOCKS
     assert len(library_blocks() - before) == _codec.POOL_MAX_BLOCKS
 
 
@@ -341,12 +342,12 @@ def test_inline_token_is_ascii() -> None:
 def _frame(count: int, spans: list[tuple[int, int]], tail: bytes = b"") -> str:
     flat = [value for span in spans for value in span]
     raw = struct.pack(f"<I{len(flat)}Q", count, *flat) + tail
-    return _codec._seal("f", raw)  # a valid checksum: the frame itself is what is wrong
+    return _tokens.seal(True, raw)  # a valid checksum: the frame itself is what is wrong
 
 
 def _token_for(name: str, generation: int = 0, block_id: bytes = bytes(16)) -> str:
     """A well-formed shared-memory token of this host for block ``name``."""
-    return _codec._shared_token(name, generation, block_id, shm_identity())
+    return _tokens.format_shared(name, generation, block_id, shm_identity())
 
 
 ZERO_ID = "0" * 32
@@ -368,8 +369,8 @@ MALFORMED = {
     "non-ascii": "SMA1:i:00000000ää",
     "no checksum": "SMA1:i:",
     "bad checksum": "SMA1:i:00000000" + pickle.dumps([1, 2, 3], protocol=5).hex(),
-    "garbage pickle": _codec._seal("i", b"\x80\x05garbage"),
-    "truncated pickle": _codec._seal("i", pickle.dumps([1, 2, 3], protocol=5)[:-3]),
+    "garbage pickle": _tokens.seal(False, b"\x80\x05garbage"),
+    "truncated pickle": _tokens.seal(False, pickle.dumps([1, 2, 3], protocol=5)[:-3]),
     "empty frame": "SMA1:f:",
     "huge buffer count": _frame(2**32 - 1, []),
     "short table": _frame(3, [(20, 0)]),
@@ -391,7 +392,7 @@ def test_malformed_tokens_raise_a_library_error(token: str) -> None:
     intact_inline = token[5:7] in ("i:", "f:")
     if intact_inline:
         try:
-            _codec._unseal(token[7:])
+            _tokens.unseal(token[7:])
         except LayoutError:
             intact_inline = False
     if intact_inline:
@@ -624,6 +625,6 @@ def test_forked_child_does_not_reuse_the_parents_blocks() -> None:
     child.join(TIMEOUT)
     assert child.exitcode == 0
     assert _block_name(child_token) != _block_name(token)
-    assert _codec._writer.pooled_names() == [_block_name(token)]
+    assert _codec.writer.pooled_names() == [_block_name(token)]
     with pytest.raises(BlockNotFoundError):  # the child's exit unlinked its own block
         read(child_token)

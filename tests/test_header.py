@@ -106,10 +106,11 @@ GOOD = _array_header(np.dtype("<i8"), (4,))
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("version", 3, "version 3"),
+        ("version", 4, "version 4"),
         ("kind", 99, "unknown block kind 99"),
         ("flags", 0x80, "unknown header flags"),
-        ("reserved", 1, "reserved"),
+        ("area_words", 1, "lifetime area of 8 bytes"),
+        ("name_len", 5000, "name of 5000 bytes"),
         ("ndim", 65, "ndim 65"),
         ("header_size", 4096, "header_size 4096"),
         ("header_size", 65, "header_size 65"),

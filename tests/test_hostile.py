@@ -170,8 +170,9 @@ def run_batch(cases: list[Case], templates: dict[str, Template]) -> list[str]:
 def _write_case_block(name: str, case: Case) -> SharedBlock | None:
     """Create the block at its original size, fill it, and shrink it to the case's length.
 
-    Returns the creating handle, still open (so the block is held), or ``None`` for
-    entries that are not blocks.
+    Returns the creating handle, still open (so the block is held, but no longer
+    owned: an owned block without a header is one still being created), or ``None``
+    for entries that are not blocks.
     """
     path = os.path.join(SHM_DIR, name)
     if case.file_type == "fifo":
@@ -183,6 +184,7 @@ def _write_case_block(name: str, case: Case) -> SharedBlock | None:
     size = max(case.created_size, len(case.content), 1)
     block = SharedBlock.create(size, name=name)
     block.buf[: len(case.content)] = case.content
+    block.hold.drop_owner()
     if size != len(case.content):
         os.truncate(path, len(case.content))
     return block

@@ -36,6 +36,7 @@ from shared_memory_array import (
     SharedArray,
     SharedDict,
     _codec,
+    _lifetime,
     _reaper,
     cleanup,
     list_blocks,
@@ -258,7 +259,7 @@ def test_a_pooled_block_unlinked_from_outside_is_never_handed_out() -> None:
     token = write(np.zeros(4096), threshold=0)
     name = token.split(":")[2]
     release(token)
-    assert name in _codec._writer.pooled_names()
+    assert name in _codec.writer.pooled_names()
     assert any(info.name == name and info.state == "pooled" for info in list_blocks())
     os.unlink(os.path.join(SHM, name))
     second = write(np.ones(4096), threshold=0)
@@ -267,7 +268,7 @@ def test_a_pooled_block_unlinked_from_outside_is_never_handed_out() -> None:
         assert float(np.asarray(read(second)).sum()) == 4096
     finally:
         release(second)
-        _codec._writer.drop_all()
+        _codec.writer.drop_all()
 
 
 def test_configure_pool_bytes_zero_turns_reuse_off() -> None:
@@ -278,7 +279,7 @@ def test_configure_pool_bytes_zero_turns_reuse_off() -> None:
         name = token.split(":")[2]
         release(token)
         assert not _exists(name)
-        assert _codec._writer.pooled_names() == []
+        assert _codec.writer.pooled_names() == []
     finally:
         _codec.configure()
 
@@ -313,7 +314,7 @@ def test_a_handle_in_flight_keeps_its_block_until_it_lands(
     pickle_path = tmp_path / "in-flight.pkl"
     name = _pickle_in_a_dying_child(pickle_path)
     assert _reaper.judge(name).in_flight == 1
-    monkeypatch.setenv(_reaper.GRACE_ENV, "30")
+    monkeypatch.setenv(_lifetime.GRACE_ENV, "30")
     assert name not in cleanup().cleaned  # in flight, within the grace: kept
     with pickle_path.open("rb") as pickled:
         landed = pickle.load(pickled)  # lands: in flight no more, and owns it
@@ -328,7 +329,7 @@ def test_a_handle_that_never_lands_is_reaped_after_the_grace(
 ) -> None:
     """The grace is bounded: a pickle nobody loads does not keep its block for ever."""
     name = _pickle_in_a_dying_child(tmp_path / "lost.pkl")
-    monkeypatch.setenv(_reaper.GRACE_ENV, "0.5")
+    monkeypatch.setenv(_lifetime.GRACE_ENV, "0.5")
     time.sleep(0.6)
     assert name in cleanup().cleaned
 
@@ -394,11 +395,12 @@ def test_forked_child_holds_its_own_lock() -> None:
         os._exit(0 if judged.in_use else 3)
     os.close(read_end)
     try:
-        from shared_memory_array import _lifetime
+        from shared_memory_array import _lifetime, _platform
 
         for hold in _lifetime.holds_of_this_process():
-            if hold.name == block.name:
-                _lifetime.unlock(hold.fd, _lifetime.HOLD)
+            if hold.name == block.name:  # the parent lets go of every lock it holds
+                hold.locks.unlock(_platform.HOLD)
+                hold.locks.unlock(_platform.OWNER)
         os.write(write_end, b"x")
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0

@@ -14,6 +14,7 @@ import pytest
 
 from shared_memory_array import _codec, _lifetime, _populate, read, release, write
 from shared_memory_array._block import SharedBlock
+from shared_memory_array._platform import backend
 
 TIMEOUT = 60
 SHARED = 0  # threshold that sends everything to shared memory
@@ -26,7 +27,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 def _clean(no_leaked_blocks: None) -> Iterator[None]:
     """Unlink what the test wrote and leave no populate thread to the next test."""
     yield
-    _codec._writer.drop_all()
+    _codec.writer.drop_all()
     assert _populate.wait_idle(TIMEOUT)
 
 
@@ -70,8 +71,10 @@ def test_the_fallback_when_the_kernel_refuses_leaves_the_content_unchanged(
     block: SharedBlock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An advice the kernel refuses (EINVAL) switches to the read fallback, content intact."""
-    monkeypatch.setattr(_populate, "_madvise_works", _populate._madvise is not None)
-    monkeypatch.setattr(_populate, "MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
+    from shared_memory_array._platform import _linux
+
+    monkeypatch.setattr(_populate, "_madvise_works", backend.can_populate)
+    monkeypatch.setattr(_linux, "_MADV_POPULATE_READ", 0x7FFF)  # no such advice: EINVAL
     original = bytes(block.buf)
     assert _populate.prefault(block.buf, mmap.PAGESIZE + 1, 3 * mmap.PAGESIZE)
     assert _populate._madvise_works is False
@@ -100,7 +103,7 @@ def test_a_released_block_is_populated_and_reused_with_the_new_content() -> None
     """Released, the block is populated in the background; the next write reuses it, correctly."""
     token = write(np.arange(600_000, dtype=np.float64), threshold=SHARED)
     release(token)
-    (name,) = _codec._writer.pooled_names()
+    (name,) = _codec.writer.pooled_names()
     assert _populate.wait_idle(TIMEOUT)
     second = write(np.full(500_000, 7.0), threshold=SHARED)
     assert second.split(":")[2] == name
@@ -136,10 +139,10 @@ def test_a_block_discarded_while_being_populated_is_unmapped_after_the_chunk(
     parked = _ParkedThread(monkeypatch)
     token = write(np.ones(ITEMS), threshold=SHARED)
     release(token)
-    (name,) = _codec._writer.pooled_names()
+    (name,) = _codec.writer.pooled_names()
     assert parked.inside.wait(TIMEOUT)
-    _codec._writer.empty_pool()  # unlinked and closed while the thread holds a view
-    assert name not in _codec._writer.pooled_names()
+    _codec.writer.empty_pool()  # unlinked and closed while the thread holds a view
+    assert name not in _codec.writer.pooled_names()
     parked.resume()
     assert _populate.wait_idle(TIMEOUT)
     gc.collect()
@@ -170,8 +173,8 @@ def test_no_thread_is_left_once_the_pool_is_empty() -> None:
     tokens = [write(np.full(ITEMS, float(i)), threshold=SHARED) for i in range(3)]
     for token in tokens:
         release(token)
-    assert len(_codec._writer.pooled_names()) == 3
-    _codec._writer.empty_pool()
+    assert len(_codec.writer.pooled_names()) == 3
+    _codec.writer.empty_pool()
     assert _populate.wait_idle(TIMEOUT)
     assert _populate.idle()
     assert _populate_threads() == []
@@ -184,7 +187,7 @@ def test_a_populated_block_is_not_populated_again(monkeypatch: pytest.MonkeyPatc
     submitted: list[memoryview] = []
     monkeypatch.setattr(_populate, "submit", lambda view, start=0: submitted.append(view))
     release(write(np.ones(ITEMS), threshold=SHARED))
-    assert len(_codec._writer.pooled_names()) == 1
+    assert len(_codec.writer.pooled_names()) == 1
     assert submitted == []
 
 
@@ -211,5 +214,5 @@ def test_a_small_block_wakes_no_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     queued: list[memoryview] = []
     monkeypatch.setattr(_populate, "submit", lambda view, start=0: queued.append(view))
     release(write(np.ones(_populate.MIN_BYTES // 16), threshold=SHARED))
-    assert len(_codec._writer.pooled_names()) == 1
+    assert len(_codec.writer.pooled_names()) == 1
     assert queued == []

@@ -43,15 +43,18 @@ import numpy as np
 import pytest
 
 import shared_memory_array as sma
-from shared_memory_array import _reaper, _registry
+from shared_memory_array import _lifetime, _reaper, _registry
 from shared_memory_array._block import PREFIX, SharedBlock, new_name, unlink_block
 from shared_memory_array._header import BlockKind, encode_header, encoded_identity
-from shared_memory_array._process import current_identity, start_time
+from shared_memory_array._platform import backend
+from shared_memory_array._process import current_identity
+
+start_time = backend.start_time
 
 TIMEOUT = 60  # seconds, for every join/get/read: a hung child fails the test
 HELPER = Path(__file__).with_name("_children_registry.py")
 FIXTURES = Path(__file__).with_name("fixtures")
-SHM = _registry.SHM_DIR
+SHM = backend.directory or "/dev/shm"
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -102,7 +105,7 @@ def shielded(monkeypatch: pytest.MonkeyPatch) -> None:
     test's orphan whenever a block-creating call of the test falls 5 s after
     the last scan, so only the test's explicit ``cleanup()`` may judge.
     """
-    monkeypatch.setenv(_reaper.GRACE_ENV, "0")
+    monkeypatch.setenv(_lifetime.GRACE_ENV, "0")
     monkeypatch.setattr(_reaper, "SCAN_INTERVAL", math.inf)
 
 
@@ -301,7 +304,7 @@ def test_info_and_result_are_frozen() -> None:
 
 def test_nothing_is_scanned_off_linux(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where blocks cannot be enumerated, listing is empty and cleanup does nothing."""
-    monkeypatch.setattr(_registry, "_CAN_SCAN", False)
+    monkeypatch.setattr(backend, "can_list", False)
     assert sma.list_blocks() == []
     assert sma.cleanup() == sma.CleanupResult()
 
@@ -487,7 +490,7 @@ def test_in_flight_handle_is_kept_for_the_grace_then_cleaned(
     child: Callable[[], Child], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pickled handle of a dead creator's array keeps the block for the grace, then it goes."""
-    monkeypatch.delenv(_reaper.GRACE_ENV, raising=False)
+    monkeypatch.delenv(_lifetime.GRACE_ENV, raising=False)
     creator = child()
     name = creator.ask("create array")["name"]
     creator.ask("pickle")
@@ -497,7 +500,7 @@ def test_in_flight_handle_is_kept_for_the_grace_then_cleaned(
     result = sma.cleanup()
     assert result.skipped == [name]
     assert "in flight" in result.reasons[name]
-    monkeypatch.setenv(_reaper.GRACE_ENV, "0")  # the grace is over
+    monkeypatch.setenv(_lifetime.GRACE_ENV, "0")  # the grace is over
     (info,) = sma.list_blocks()
     assert (info.state, info.in_use) == ("orphan", False)
     assert sma.cleanup().cleaned == [name]
@@ -508,7 +511,7 @@ def test_an_unpickled_handle_holds_and_owns_the_block(
     child: Callable[[], Child], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Unpickling a dead creator's handle holds the block (kept with no grace) and owns it."""
-    monkeypatch.setenv(_reaper.GRACE_ENV, "0")
+    monkeypatch.setenv(_lifetime.GRACE_ENV, "0")
     creator = child()
     name = creator.ask("create array")["name"]
     pickled = bytes.fromhex(creator.ask("pickle")["pickle"])
@@ -599,7 +602,7 @@ def test_unreadable_block_in_use_is_kept(
     assert (info.state, info.in_use) == ("unreadable", True)
     result = sma.cleanup()
     assert result.skipped == [block.name]
-    assert "open or mapped" in result.reasons[block.name]
+    assert "a process holds it" in result.reasons[block.name]
 
 
 def test_unreadable_block_open_elsewhere_is_kept(

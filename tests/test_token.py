@@ -16,7 +16,7 @@ from shared_memory_array import Token, _codec, read, release, write
 def _unlink_written_blocks(no_leaked_blocks: None) -> Iterator[None]:
     """Unlink the blocks this process wrote (live and pooled) before the leak check."""
     yield
-    _codec._writer.drop_all()
+    _codec.writer.drop_all()
 
 
 @pytest.mark.parametrize("threshold", [0, 1 << 30], ids=["shared", "inline"])

@@ -1,0 +1,580 @@
+"""The Linux backend: blocks are files of a tmpfs (``/dev/shm``), lifetimes are OFD locks.
+
+* **Store.** A block is the file ``<directory>/<name>``: ``/dev/shm`` (what
+  ``shm_open`` uses) or the directory given to ``configure(directory=...)``
+  (another tmpfs, one mounted with huge pages). Opened with ``O_NOFOLLOW`` and
+  ``O_NONBLOCK`` (a FIFO named like a block never hangs an open), created with
+  ``O_EXCL`` and mode 0600.
+* **Locks.** Byte-range open-file-description locks (``F_OFD_SETLK``, Linux >=
+  3.15) on bytes 0-2 of the block's file, one byte per role. They belong to
+  one open file description and go when its last descriptor closes, also when
+  the process dies by any signal; ``F_OFD_GETLK`` tells whether another
+  description holds one, without taking it.
+* **Pages.** ``posix_fallocate`` reserves a new block's pages, so a block that
+  does not fit fails at once instead of a SIGBUS at first touch; ``SEEK_HOLE``
+  finds a page that is not there (a block of someone else's, or one cut short
+  by a kill during its reservation) before anyone maps it.
+* **Processes.** ``/proc``: start times, the boot id and boot time, who maps or
+  holds a block open, the time namespace's clock offset.
+* **Waiting.** ``futex`` through ``ctypes`` (``syscall``; the GIL is released
+  while it sleeps), on shared (not ``FUTEX_PRIVATE``) words of a mapping.
+* **Limits.** ``statvfs`` of the directory, and the memory limit of the
+  process's cgroup (v2 ``memory.max``/``memory.current``, v1
+  ``memory.limit_in_bytes``/``memory.usage_in_bytes``), up to the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import struct
+import sys
+from collections.abc import Callable
+from typing import ClassVar, Final
+
+from ..errors import BlockExistsError, BlockNotFoundError, UntrustedBlockError
+from . import _common
+from ._common import Backend, BlockLocks, Limits, exhausted
+
+__all__ = ["LinuxBackend", "available"]
+
+SHM_DIR: Final = "/dev/shm"
+_PROC_OFFSETS: Final = "/proc/self/timens_offsets"
+# struct flock: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
+_FLOCK: Final = struct.Struct("hhqqi4x")
+_FALLOCATE_UNSUPPORTED: Final = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
+_HUGE_PAGE_MIN: Final = 2 << 20
+_CGROUP_UNLIMITED: Final = 1 << 62
+# futex(2) system call numbers by machine.
+_SYS_FUTEX: Final = {
+    "x86_64": 202,
+    "amd64": 202,
+    "aarch64": 98,
+    "arm64": 98,
+    "riscv64": 98,
+    "i386": 240,
+    "i686": 240,
+    "armv7l": 240,
+    "ppc64le": 221,
+    "ppc64": 221,
+    "s390x": 238,
+}
+_MADV_POPULATE_READ: Final = 22
+_MADV_POPULATE_WRITE: Final = 23
+_FUTEX_WAIT: Final = 0
+_FUTEX_WAKE: Final = 1
+_FUTEX_WAKE_OP: Final = 5
+_FUTEX_OP_ADD: Final = 1
+_INT_MAX: Final = 0x7FFFFFFF
+
+
+def available() -> bool:
+    """Whether this system has what the backend needs (Linux with OFD locks)."""
+    return sys.platform.startswith("linux") and hasattr(fcntl, "F_OFD_SETLK")
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _load_syscall() -> Callable[..., int] | None:
+    if platform.machine().lower() not in _SYS_FUTEX:
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):  # pragma: no cover - a static interpreter
+        return None
+    function.restype = ctypes.c_long
+    return function  # type: ignore[no-any-return, unused-ignore]
+
+
+_syscall = _load_syscall()
+
+
+def _load_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # pragma: no cover - no libc symbols (static builds)
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return, unused-ignore]
+
+
+_madvise = _load_madvise()
+
+
+class _OFDLocks:
+    """The three lifetime roles as OFD locks on bytes 0-2 of one description's file."""
+
+    __slots__ = ("fd", "path", "writable")
+
+    def __init__(self, fd: int, path: str, *, writable: bool) -> None:
+        self.fd = fd
+        self.path = path
+        self.writable = writable
+
+    def still_named(self) -> bool:
+        try:
+            now, mine = os.lstat(self.path), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def _call(self, command: int, lock_type: int, role: int) -> int:
+        answer = fcntl.fcntl(self.fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, role, 1, 0))
+        return int(_FLOCK.unpack(answer)[0])
+
+    def try_lock(self, role: int, *, exclusive: bool) -> bool:
+        try:
+            self._call(fcntl.F_OFD_SETLK, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, role)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def wait_lock(self, role: int, *, exclusive: bool) -> None:
+        self._call(fcntl.F_OFD_SETLKW, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, role)
+
+    def unlock(self, role: int) -> None:
+        self._call(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, role)
+
+    def held_by_others(self, role: int) -> bool:
+        return self._call(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, role) != fcntl.F_UNLCK
+
+    def reopen_in_child(self) -> bool:
+        """A description of the child's own (the very file, through ``/proc/self/fd``)."""
+        flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(f"/proc/self/fd/{self.fd}", flags)
+        except OSError:
+            return False  # out of descriptors: the caller must not rely on these locks
+        os.close(self.fd)
+        self.fd = fd
+        return True
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+class LinuxBackend(Backend):
+    """Blocks as tmpfs files, lifetimes as OFD locks, ``/proc`` for processes."""
+
+    name: ClassVar[str] = "linux"
+    kernel_holds: ClassVar[bool] = True
+    can_list: ClassVar[bool] = True
+    reserves_pages: ClassVar[bool] = True
+    positional_io: ClassVar[bool] = True
+    has_futex: ClassVar[bool] = _syscall is not None
+    robust_mutex: ClassVar[bool] = True
+    max_name_bytes: ClassVar[int] = 250  # NAME_MAX (255) of tmpfs, less a margin
+
+    def __init__(self) -> None:
+        self._directory = SHM_DIR
+        self._huge_advice = False
+        self._timens_offset: tuple[int, int] | None = None  # (pid, boottime offset ns)
+        self._cgroup_files: list[tuple[str, str]] | None = None
+        self.configure_directory(None)
+
+    # -- block store ---------------------------------------------------------------------
+
+    @property
+    def directory(self) -> str:
+        return self._directory
+
+    def configure_directory(self, path: str | None) -> None:
+        directory = SHM_DIR if path is None else os.path.abspath(path)
+        if path is not None and not os.path.isdir(directory):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", directory)
+        self._directory = directory
+        self._huge_advice = _wants_huge_page_advice(directory)
+
+    def _path(self, system_name: str) -> str:
+        return os.path.join(self._directory, system_name)
+
+    def open_block(self, system_name: str, *, create: bool, writable: bool) -> int:
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        flags |= os.O_RDWR if writable or create else os.O_RDONLY
+        if create:
+            flags |= os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(self._path(system_name), flags, 0o600)
+        except FileExistsError:
+            raise BlockExistsError(system_name) from None
+        except FileNotFoundError:
+            raise BlockNotFoundError(system_name) from None
+        except PermissionError:
+            raise UntrustedBlockError(
+                system_name,
+                f"block {system_name!r} belongs to another user (permission denied)",
+            ) from None
+        except OSError as exc:
+            raise _open_error(system_name, exc) from None
+        if create:
+            with contextlib.suppress(OSError):
+                os.fchmod(fd, 0o600)  # whatever the umask made of it
+        return fd
+
+    def unlink(self, system_name: str) -> bool:
+        try:
+            os.unlink(self._path(system_name))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list_names(self) -> list[str]:
+        return sorted(_common.scan_prefixed(self._directory))
+
+    def lstat_entry(self, system_name: str) -> os.stat_result:
+        return os.lstat(self._path(system_name))
+
+    def open_for_judging(self, system_name: str) -> tuple[int, bool]:
+        flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        path = self._path(system_name)
+        try:
+            return os.open(path, os.O_RDWR | flags), True
+        except PermissionError:
+            return os.open(path, os.O_RDONLY | flags), False
+
+    # -- bytes ---------------------------------------------------------------------------
+
+    def reserve(self, fd: int, start: int, size: int) -> None:
+        try:
+            os.posix_fallocate(fd, start, size)
+        except OSError as exc:
+            if exc.errno not in _FALLOCATE_UNSUPPORTED:
+                raise
+
+    def first_hole(self, fd: int, start: int, end: int) -> int | None:
+        if start >= end:
+            return None
+        try:
+            hole = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # start at or past the end of the file
+                return start
+            return None  # the filesystem cannot tell
+        return hole if hole < end else None
+
+    def map(
+        self, fd: int, size: int, *, readonly: bool, private: bool, populate: bool
+    ) -> mmap.mmap:
+        flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        if populate:
+            flags |= mmap.MAP_POPULATE
+        prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        if sys.version_info >= (3, 13):
+            # No duplicate descriptor at all: the caller's keeps the locks.
+            return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)
+        # mmap keeps a dup of the descriptor it is given for the mapping's life, and a
+        # forked child inherits it: give it a description of its own, which never holds
+        # a lock, so no child can keep one of ours alive.
+        access = os.O_RDONLY if readonly or private else os.O_RDWR
+        spare = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            return mmap.mmap(spare, size, flags=flags, prot=prot)
+        finally:
+            os.close(spare)
+
+    can_populate: ClassVar[bool] = _madvise is not None
+
+    def populate(self, address: int, length: int) -> int:
+        """``madvise(MADV_POPULATE_READ)`` then ``MADV_POPULATE_WRITE`` (Linux >= 5.14).
+
+        The read pass goes first because read faults of a file mapping map up
+        to 16 neighbouring pages at once ("fault-around"); the write pass then
+        only walks them. Populating fails with an error code, never a SIGBUS,
+        if the file was truncated under us.
+        """
+        if _madvise is None:
+            return errno.EINVAL
+        for advice in (_MADV_POPULATE_READ, _MADV_POPULATE_WRITE):
+            if _madvise(address, length, advice) != 0:
+                return ctypes.get_errno()
+        return 0
+
+    def advise_huge_pages(self, mapping: mmap.mmap) -> None:
+        if self._huge_advice and len(mapping) >= _HUGE_PAGE_MIN:
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(mmap.MADV_HUGEPAGE)
+
+    # -- locks ---------------------------------------------------------------------------
+
+    def locks(self, fd: int, system_name: str, *, writable: bool, created: bool) -> BlockLocks:
+        return _OFDLocks(fd, self._path(system_name), writable=writable)
+
+    # -- processes -----------------------------------------------------------------------
+
+    def process_state(self, pid: int) -> tuple[bytes, int] | None:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat_file:
+                stat = stat_file.read()
+        except OSError:
+            return None
+        # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        try:
+            return fields[0], int(fields[19])  # fields 3 and 22 of proc(5)
+        except (IndexError, ValueError):
+            return None
+
+    def start_time(self, pid: int) -> int:
+        state = self.process_state(pid)
+        return 0 if state is None else state[1]
+
+    def boot_id(self) -> str:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                return f.read().strip()
+        except OSError:
+            return "-"
+
+    def boot_time(self) -> float | None:
+        try:
+            with open("/proc/stat", "rb") as stat:
+                for line in stat:
+                    if line.startswith(b"btime "):
+                        return float(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
+
+    def inodes_in_use(self, exclude_fd: int = -1) -> set[int] | None:
+        own_pid = str(os.getpid())
+        inodes: set[int] = set()
+        prefix = self._directory.rstrip("/") + "/"
+        try:
+            pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+        except OSError:
+            return None
+        for pid in pids:
+            for inode, _ in _mapped_files(pid, prefix):
+                inodes.add(inode)
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    if pid == own_pid and fd == str(exclude_fd):
+                        continue
+                    with contextlib.suppress(OSError):
+                        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
+                            inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        return inodes
+
+    def mapped_by(self, system_name: str, ino: int) -> list[int] | None:
+        prefix = self._directory.rstrip("/") + "/"
+        try:
+            pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+        except OSError:
+            return None
+        found = []
+        for pid in pids:
+            if any(inode == ino for inode, _ in _mapped_files(pid, prefix)):
+                found.append(int(pid))
+        return sorted(found)
+
+    def resident_bytes(self, info: os.stat_result) -> int | None:
+        return info.st_blocks * 512  # tmpfs: allocated pages are memory (or swap)
+
+    def thread_gone(self, native_id: int | None) -> bool:
+        return native_id is None or not os.path.exists(f"/proc/self/task/{native_id}")
+
+    # -- waiting and time ----------------------------------------------------------------
+
+    def shared_clock_ns(self) -> int:
+        """The host's ``CLOCK_BOOTTIME``: this time namespace's, less its offset.
+
+        Never steps (unlike the wall clock), counts suspend, and reads alike in
+        every time namespace of the host.
+        """
+        import time
+
+        pid = os.getpid()
+        cached = self._timens_offset
+        if cached is None or cached[0] != pid:
+            cached = self._timens_offset = (pid, _boottime_offset_ns())
+        return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - cached[1]
+
+    def futex_wait(self, address: int, expected: int, timeout: float | None) -> None:
+        assert _syscall is not None
+        number = _SYS_FUTEX[platform.machine().lower()]
+        if timeout is None:
+            _syscall(number, ctypes.c_void_p(address), _FUTEX_WAIT, expected, None, None, 0)
+            return
+        seconds = max(0.0, timeout)
+        spec = _Timespec(int(seconds), int((seconds % 1) * 1e9))
+        _syscall(
+            number, ctypes.c_void_p(address), _FUTEX_WAIT, expected, ctypes.byref(spec), None, 0
+        )
+
+    def futex_wake(self, address: int) -> None:
+        if _syscall is not None:
+            number = _SYS_FUTEX[platform.machine().lower()]
+            _syscall(number, ctypes.c_void_p(address), _FUTEX_WAKE, _INT_MAX, None, None, 0)
+
+    def futex_add(self, address: int, delta: int) -> bool:
+        """``FUTEX_WAKE_OP`` on one word: the kernel adds ``delta`` atomically and wakes."""
+        if _syscall is None or not 0 <= delta < 2048:
+            return False
+        number = _SYS_FUTEX[platform.machine().lower()]
+        operation = (_FUTEX_OP_ADD << 28) | (delta << 12)  # compare: oldval == 0 (unused)
+        pointer = ctypes.c_void_p(address)
+        result = _syscall(number, pointer, _FUTEX_WAKE_OP, _INT_MAX, None, pointer, operation)
+        return bool(result >= 0)
+
+    # -- limits --------------------------------------------------------------------------
+
+    def limits(self) -> Limits:
+        base = super().limits()
+        limit, used, where = self._cgroup_memory()
+        return Limits(base.free, base.total, limit, used, base.where, where)
+
+    def _cgroup_memory(self) -> tuple[int | None, int | None, str | None]:
+        """The tightest cgroup memory limit over this process's cgroup and its parents."""
+        if self._cgroup_files is None:
+            self._cgroup_files = _cgroup_limit_files()
+        best: tuple[int | None, int | None, str | None] = (None, None, None)
+        for limit_file, usage_file in self._cgroup_files:
+            try:
+                with open(limit_file, encoding="ascii") as f:
+                    text = f.read().strip()
+                if text == "max":
+                    continue
+                limit = int(text)
+                if limit >= _CGROUP_UNLIMITED:
+                    continue
+                with open(usage_file, encoding="ascii") as f:
+                    used = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            if best[0] is None or best[1] is None or limit - used < best[0] - best[1]:
+                best = (limit, used, os.path.dirname(limit_file))
+        return best
+
+
+def _open_error(name: str, exc: OSError) -> Exception:
+    if exc.errno == errno.ELOOP:
+        return BlockNotFoundError(name, f"{name!r} is a symbolic link, not a shared-memory block")
+    if exc.errno in (errno.EISDIR, errno.EINVAL, errno.ENXIO):
+        return BlockNotFoundError(name, f"{name!r} is not a shared-memory block")
+    if exc.errno == errno.ENAMETOOLONG:
+        return BlockNotFoundError(name, f"{name!r} is not a valid shared-memory block name")
+    return exhausted(exc, f"open block {name!r}") or exc
+
+
+def _mapped_files(pid: str, prefix: str) -> list[tuple[int, str]]:
+    """``(inode, path)`` of each mapping of a file under ``prefix`` in ``/proc/PID/maps``."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            lines = maps.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []  # exited, or not ours to read
+    found = []
+    for line in lines:
+        fields = line.split(None, 5)  # address perms offset dev inode path
+        if len(fields) == 6 and fields[5].startswith(prefix) and fields[4].isdigit():
+            found.append((int(fields[4]), fields[5]))
+    return found
+
+
+def _boottime_offset_ns() -> int:
+    """This time namespace's ``boottime`` offset (0 outside a time namespace)."""
+    try:
+        with open(_PROC_OFFSETS, encoding="ascii") as offsets:
+            for line in offsets:
+                fields = line.split()
+                if len(fields) == 3 and fields[0] in ("boottime", "7"):
+                    return int(fields[1]) * 1_000_000_000 + int(fields[2])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _mount_of(directory: str) -> tuple[str, str, str] | None:
+    """``(filesystem type, mount options, super options)`` of the mount holding ``directory``."""
+    best: tuple[int, tuple[str, str, str]] | None = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
+            for line in mountinfo:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) < 6 or len(tail) < 3:
+                    continue
+                point = fields[4].replace("\\040", " ")
+                inside = directory == point or directory.startswith(point.rstrip("/") + "/")
+                if inside and (best is None or len(point) >= best[0]):
+                    best = (len(point), (tail[0], fields[5], tail[2]))
+    except OSError:
+        return None
+    return None if best is None else best[1]
+
+
+def _wants_huge_page_advice(directory: str) -> bool:
+    """Whether ``madvise(MADV_HUGEPAGE)`` gets huge pages for files of ``directory``.
+
+    A tmpfs mounted ``huge=advise`` honours it; the kernel's own shm mount
+    (``/dev/shm`` is usually a plain tmpfs) follows ``shmem_enabled``.
+    """
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    mount = _mount_of(directory)
+    if mount is None or mount[0] != "tmpfs":
+        return False
+    if "huge=advise" in mount[2]:
+        return True
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled", encoding="ascii") as f:
+            return "[advise]" in f.read() and "huge=" not in mount[2]
+    except OSError:
+        return False
+
+
+def _cgroup_limit_files() -> list[tuple[str, str]]:
+    """``(limit file, usage file)`` of this process's memory cgroup and every parent."""
+    try:
+        with open("/proc/self/cgroup", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    mounts: dict[str, str] = {}  # "v2" or "v1" -> mount point
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mountinfo:
+            for line in mountinfo:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) < 5 or len(tail) < 3:
+                    continue
+                if tail[0] == "cgroup2":
+                    mounts.setdefault("v2", fields[4])
+                elif tail[0] == "cgroup" and "memory" in tail[2].split(","):
+                    mounts.setdefault("v1", fields[4])
+    except OSError:
+        return []
+    files: list[tuple[str, str]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "" and "v2" in mounts:
+            root, limit, usage = mounts["v2"], "memory.max", "memory.current"
+        elif "memory" in controllers.split(",") and "v1" in mounts:
+            root, limit, usage = mounts["v1"], "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        directory = os.path.join(root, path.lstrip("/"))
+        if not os.path.isdir(directory):
+            directory = root  # a cgroup namespace: this process sees its own cgroup as the root
+        while True:
+            if os.path.exists(os.path.join(directory, limit)):
+                files.append((os.path.join(directory, limit), os.path.join(directory, usage)))
+            if os.path.normpath(directory) == os.path.normpath(root):
+                break
+            directory = os.path.dirname(directory)
+    return files
