@@ -26,6 +26,7 @@ from ._token import Token as Token
 from .errors import AllocationError as AllocationError
 from .errors import BlockExistsError as BlockExistsError
 from .errors import BlockNotFoundError as BlockNotFoundError
+from .errors import ClosedError as ClosedError
 from .errors import LayoutError as LayoutError
 from .errors import SharedArrayError as SharedArrayError
 from .errors import UntrustedBlockError as UntrustedBlockError
@@ -38,6 +39,7 @@ __all__ = [
     "BlockInfo",
     "BlockNotFoundError",
     "CleanupResult",
+    "ClosedError",
     "LayoutError",
     "ManagedSharedMemoryArray",
     "SharedArray",

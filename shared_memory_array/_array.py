@@ -55,7 +55,7 @@ from ._header import (
 )
 from ._identity import check_same_shm, shm_identity
 from ._lifetime import Hold, this_pid
-from .errors import BlockNotFoundError, LayoutError
+from .errors import BlockNotFoundError, ClosedError, LayoutError
 
 __all__ = [
     "ArrayLayout",
@@ -798,12 +798,12 @@ class SharedArray(Generic[_ScalarT_co]):
 
         Raises
         ------
-        ValueError
-            This handle is closed.
+        ClosedError
+            This handle is closed (a :class:`ValueError` too).
         """
         block = self._block
         if block is None or block.closed:
-            raise ValueError(f"SharedArray {self._name!r} is closed")
+            raise ClosedError(f"SharedArray {self._name!r} is closed")
         layout = self._layout
         # frombuffer holds a buffer export of the mapping, which is what keeps it alive
         # (np.ndarray(buffer=...) would not, and would crash after close()).

@@ -13,6 +13,7 @@ __all__ = [
     "AllocationError",
     "BlockExistsError",
     "BlockNotFoundError",
+    "ClosedError",
     "LayoutError",
     "SharedArrayError",
     "UntrustedBlockError",
@@ -115,6 +116,14 @@ class UntrustedBlockError(_NamedBlockError, PermissionError):
         self.name = name
         self.message = message
         super().__init__(errno.EPERM, message, name)
+
+
+class ClosedError(SharedArrayError, ValueError):
+    """A closed handle was used: its data is no longer reachable through it.
+
+    Also a :class:`ValueError`, like using a closed file. Closing is this
+    handle's own doing; views taken before :meth:`close` stay valid.
+    """
 
 
 class LayoutError(SharedArrayError, ValueError):
