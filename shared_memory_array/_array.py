@@ -55,6 +55,7 @@ from ._header import (
 )
 from ._identity import check_same_shm, shm_identity
 from ._lifetime import Hold, this_pid
+from ._ndarray_like import ConstructorOrCopy, CopyConstructor, NDArrayLike  # ndarray branch
 from .errors import BlockNotFoundError, ClosedError, LayoutError
 
 __all__ = [
@@ -320,16 +321,21 @@ def _default_dtype(dtype: Any) -> Any:
     return np.float64 if dtype is _UNSET else dtype
 
 
-class SharedArray(Generic[_ScalarT_co]):
+# ndarray branch: NDArrayLike makes the handle behave like its view (ufuncs, operators,
+# array functions, ndarray attributes); see _ndarray_like.
+class SharedArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
     """A handle to one numpy array in a named shared-memory block.
 
     Create one with :meth:`allocate`, :meth:`allocate_like` or :meth:`copy`
     (this handle then owns the block), or :meth:`attach` to an existing block
     by name. :meth:`as_array` returns a zero-copy view; writes through it are
-    seen by every process that maps the block. The handle also speaks numpy's
-    array protocol: ``np.asarray(sa)`` is that same view, and ``sa[i]``,
-    ``sa[i] = v``, ``len(sa)`` and iteration act on it. It is not an ndarray
-    subclass: use the view for arithmetic.
+    seen by every process that maps the block. The handle also behaves like
+    that view without being an ndarray subclass: ``np.asarray(sa)`` is the view;
+    ``sa[i]``, ``sa[i] = v``, ``len(sa)``, ndarray attributes and methods
+    (``sa.sum()``, ``sa.T``), operators and numpy functions act on it and return
+    ordinary ndarrays (``sa += 1`` and ``out=sa`` write into shared memory);
+    ``==`` is element-wise, so handles are unhashable. ``sa.copy()`` is numpy's
+    private copy; ``SharedArray.copy(x)`` the constructor.
 
     Generic in its scalar type like ``numpy.ndarray``: ``SharedArray.copy(x)``
     with ``x: NDArray[np.float32]`` is a ``SharedArray[np.float32]``.
@@ -681,27 +687,17 @@ class SharedArray(Generic[_ScalarT_co]):
             raise TypeError("allocate_like_unsafe() needs a template")
         return cls._create(manager, ArrayLayout.of(template))
 
-    @overload
+    # ndarray branch: the constructor ``copy`` is this classmethod behind the descriptor
+    # defined after it (on an instance, ``copy`` is numpy's copy()); its overloads for type
+    # checkers are _ndarray_like.CopyConstructor's.
     @classmethod
-    def copy(
-        cls, manager: SharedMemoryManager | None, array: _ArrayOf[_ScalarT]
-    ) -> SharedArray[_ScalarT]: ...
-    @overload
-    @classmethod
-    def copy(cls, manager: SharedMemoryManager | None, array: ArrayLike) -> SharedArray[Any]: ...
-    @overload
-    @classmethod
-    def copy(cls, array: _ArrayOf[_ScalarT]) -> SharedArray[_ScalarT]: ...
-    @overload
-    @classmethod
-    def copy(cls, array: ArrayLike) -> SharedArray[Any]: ...
-    @classmethod  # type: ignore[misc]
-    def copy(cls, manager: Any = None, array: Any = _UNSET) -> SharedArray[Any]:
+    def _copy(cls, manager: Any = None, array: Any = _UNSET) -> SharedArray[Any]:
         """Create a shared array holding a copy of ``array`` (any array-like).
 
         ``copy(manager, array)`` or ``copy(array)``. An F-contiguous source
         stays F-contiguous; any other non-contiguous source (a slice, a
         transpose, a broadcast) is stored C-contiguous and compares equal.
+        On an instance, ``sa.copy(order="C")`` is numpy's: a private ndarray.
 
         Examples
         --------
@@ -716,6 +712,8 @@ class SharedArray(Generic[_ScalarT_co]):
         source = np.asarray(array)
         layout = ArrayLayout.parse(source.shape, source.dtype, ArrayLayout.of(source).order)
         return cls._create(manager, layout, source)
+
+    copy: ConstructorOrCopy[CopyConstructor] = ConstructorOrCopy(_copy)  # ndarray branch
 
     @overload
     @classmethod
@@ -986,13 +984,16 @@ class SharedArray(Generic[_ScalarT_co]):
         )
 
 
-class ManagedSharedMemoryArray(Generic[_ScalarT_co]):
+# ndarray branch: NDArrayLike gives the wrapper the handle's numpy behaviour (through the
+# forwarded as_array()).
+class ManagedSharedMemoryArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
     """What :meth:`SharedArray.managed` returns: a context manager around one handle.
 
     ``with sa.managed() as a:`` yields the :class:`SharedArray` itself and closes
     it on exit (the owner's close also unlinks). Attribute access and the numpy
     protocol are forwarded to the handle, so ``m.shape``, ``m.as_array()``,
-    ``np.asarray(m)`` and ``m[0]`` work on the managed object too.
+    ``np.asarray(m)``, ``m[0]``, ``m.sum()``, ``m + 1`` and ``np.sqrt(m)`` work
+    on the managed object too.
 
     Entering it after the handle is closed raises :class:`ValueError`; calling
     ``__exit__`` without ``__enter__`` just closes the handle.
