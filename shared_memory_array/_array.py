@@ -56,6 +56,7 @@ from ._header import (
 from ._identity import check_same_shm, shm_identity
 from ._lifetime import Hold, this_pid
 from ._ndarray_like import ConstructorOrCopy, CopyConstructor, NDArrayLike  # ndarray branch
+from ._shm_view import SharedMemoryView  # ndarray branch
 from .errors import BlockNotFoundError, ClosedError, LayoutError
 
 __all__ = [
@@ -857,6 +858,17 @@ class SharedArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._block is None
+
+    # ndarray branch: shared-memory-array's ``sa.shm`` (see _shm_view).
+    @property
+    def shm(self) -> SharedMemoryView:
+        """A SharedMemory-like view of the block, as shared-memory-array had.
+
+        ``.name`` (as :meth:`attach` takes it), ``.size`` and ``.buf``: the
+        array's data bytes, so ``np.ndarray(sa.shape, sa.dtype, buffer=sa.shm.buf)``
+        is the array (with ``order="F"`` for a Fortran-order one).
+        """
+        return SharedMemoryView(self)
 
     def unlink(self) -> None:
         """Remove the block's name now (owner or not); idempotent.
