@@ -1007,8 +1007,12 @@ class ManagedSharedMemoryArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
     ``np.asarray(m)``, ``m[0]``, ``m.sum()``, ``m + 1`` and ``np.sqrt(m)`` work
     on the managed object too.
 
-    Entering it after the handle is closed raises :class:`ValueError`; calling
-    ``__exit__`` without ``__enter__`` just closes the handle.
+    Each wrapper is entered once: entering it again after it exited raises
+    :class:`ClosedError` (a :class:`ValueError`), "already closed". Several
+    wrappers of one handle may be used one after another: the first exit closes
+    the handle, the later ones enter and exit harmlessly (a second close is a
+    no-op), though using the closed handle's data raises :class:`ClosedError`.
+    Calling ``__exit__`` without ``__enter__`` just closes the handle.
 
     Examples
     --------
@@ -1021,14 +1025,20 @@ class ManagedSharedMemoryArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
     True
     """
 
-    __slots__ = ("_array",)
+    # ndarray branch: _closed is this wrapper's own state (shared-memory-array's flag, which
+    # its tests read), not the handle's: other wrappers of the handle stay usable.
+    __slots__ = ("_array", "_closed")
 
     def __init__(self, array: SharedArray[_ScalarT_co]) -> None:
         self._array = array
+        self._closed = False  # set on exit
 
     def __enter__(self) -> SharedArray[_ScalarT_co]:
-        if self._array.closed:
-            raise ValueError(f"{self._array!r} is closed: a managed array cannot be re-entered")
+        if self._closed:
+            raise ClosedError(
+                f"this ManagedSharedMemoryArray of {self._array!r} is already closed "
+                "(it was exited): a managed array cannot be re-entered"
+            )
         return self._array
 
     def __exit__(
@@ -1037,10 +1047,11 @@ class ManagedSharedMemoryArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._closed = True
         self._array.close()
 
     def __getattr__(self, name: str) -> Any:
-        if name == "_array":  # not set yet (a half-built copy): no endless recursion
+        if name in ("_array", "_closed"):  # not set yet (a half-built copy): no endless recursion
             raise AttributeError(name)
         return getattr(self._array, name)
 

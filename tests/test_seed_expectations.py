@@ -73,3 +73,72 @@ def test_shm_buf_outlives_close_and_closed_handles_refuse_a_new_one() -> None:
     with pytest.raises(ClosedError, match="closed"):
         sa.shm.buf  # noqa: B018
     del buf
+
+
+# -- several managed() wrappers of one array -------------------------------------------------
+
+
+def test_later_wrappers_of_a_closed_array_enter_and_exit_harmlessly() -> None:
+    """The first wrapper's exit closes (and unlinks); the next ones enter and exit quietly."""
+    with SharedMemoryManager() as manager:
+        sa = SharedArray.allocate(manager, shape=(10,), dtype="float64")
+        name = sa.name
+        first, second, third = sa.managed(), sa.managed(), sa.managed()
+        with first as entered:
+            entered.as_array()[:] = 1.0
+        assert sa.closed
+        with pytest.raises(FileNotFoundError):  # BlockNotFoundError, as the seed's tests expect
+            SharedArray.attach(name)
+        with second as again:
+            assert again is sa
+            with pytest.raises(ClosedError, match="closed"):
+                again.as_array()  # the data stays closed
+        with third:
+            pass
+        assert second._closed
+        assert third._closed
+
+
+def test_an_exited_wrapper_cannot_be_entered_again() -> None:
+    """Re-entering one wrapper raises ClosedError (a ValueError) saying "already closed"."""
+    with SharedMemoryManager() as manager:
+        managed = SharedArray.allocate(manager, shape=(10,), dtype="float64").managed()
+        assert managed._closed is False
+        with managed:
+            assert managed._closed is False
+        assert managed._closed is True
+        with pytest.raises(ValueError, match="already closed") as raised, managed:
+            pytest.fail("re-entered")
+        assert type(raised.value) is ClosedError
+
+
+def test_exit_without_enter_also_counts_as_closing_the_wrapper() -> None:
+    """__exit__ called by hand (any number of times) closes; entering afterwards raises."""
+    sa = SharedArray.allocate(3, "i8")
+    managed = sa.managed()
+    for _ in range(3):
+        managed.__exit__(None, None, None)
+    assert sa.closed
+    with pytest.raises(ClosedError, match="already closed"), managed:
+        pytest.fail("entered after exit")
+
+
+def test_nested_wrappers_of_one_array_close_it_at_the_first_exit() -> None:
+    """An inner wrapper's exit closes the array; the outer one's exit is a harmless no-op."""
+    sa = SharedArray.allocate(2, "f4")
+    with sa.managed() as outer:
+        with sa.managed() as inner:
+            inner[:] = 2.0
+        assert outer.closed
+        with pytest.raises(ClosedError):
+            outer.sum()
+    assert sa.closed
+
+
+def test_exceptions_pass_through_and_the_array_is_still_closed() -> None:
+    """An exception inside the with block propagates, and the owner's block is unlinked."""
+    sa = SharedArray.allocate(3, "f8")
+    with pytest.raises(KeyError, match="intentional"), sa.managed():
+        raise KeyError("intentional")
+    with pytest.raises(BlockNotFoundError):
+        SharedArray.attach(sa.name)
