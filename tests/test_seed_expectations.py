@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from shared_memory_array import BlockNotFoundError, ClosedError, SharedArray
+from shared_memory_array import BlockNotFoundError, ClosedError, SharedArray, SharedData
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -142,3 +142,29 @@ def test_exceptions_pass_through_and_the_array_is_still_closed() -> None:
         raise KeyError("intentional")
     with pytest.raises(BlockNotFoundError):
         SharedArray.attach(sa.name)
+
+
+# -- SharedData: fastshare's messages --------------------------------------------------------
+
+
+@pytest.mark.parametrize("attribute", ["name", "size"])
+def test_shared_data_outside_with_says_what_fastshare_said(attribute: str) -> None:
+    """sd.name / sd.size outside with: RuntimeError "not entered or already exited"."""
+    shared = SharedData(b"payload")
+    with pytest.raises(RuntimeError, match="not entered or already exited"):
+        getattr(shared, attribute)
+    with shared:
+        getattr(shared, attribute)
+    with pytest.raises(RuntimeError, match="not entered or already exited"):
+        getattr(shared, attribute)
+
+
+def test_shared_data_entered_twice_says_what_fastshare_said() -> None:
+    """Entering again, inside or after the with block: RuntimeError "does not support re-entry"."""
+    shared = SharedData([1, 2, 3])
+    with shared:
+        with pytest.raises(RuntimeError, match="does not support re-entry"), shared:
+            pytest.fail("entered twice")
+        assert SharedData.load(shared.name) == [1, 2, 3]
+    with pytest.raises(RuntimeError, match="does not support re-entry"), shared:
+        pytest.fail("entered after leaving")
