@@ -17,6 +17,7 @@ from typing_extensions import assert_type
 from shared_memory_array import (
     BlockInfo,
     CleanupResult,
+    ClosedError,
     ManagedSharedMemoryArray,
     SharedArray,
     SharedData,
@@ -124,11 +125,21 @@ def check_ndarray_like(x32: NDArray[np.float32]) -> None:
     assert_type(np.asarray(s32), NDArray[np.float32])
     np.sqrt(s32)
     np.concatenate([s32, s32])
+    # shared-memory-array's sa.shm
+    assert_type(s32.shm.name, str)
+    assert_type(s32.shm.size, int)
+    assert_type(s32.shm.buf, memoryview)
     # the managed wrapper forwards all of it
     managed = s32.managed()
     assert_type(managed.T, NDArray[np.float32])
     assert_type(managed + 1, Any)
     assert_type(managed.sum(), Any)
+
+
+def check_errors() -> None:
+    assert_type(ClosedError("closed"), ClosedError)
+    closed: ValueError = ClosedError("a ValueError too")
+    del closed
 
 
 def check_codec(obj: object, weights: dict[str, NDArray[np.float32]]) -> None:
