@@ -340,7 +340,7 @@ def test_forwarded_attributes_are_views_of_shared_memory() -> None:
     """sa.T, sa.reshape, sa.ravel, sa.real, sa.view share the block's memory: no copy."""
     with SharedArray.copy(np.arange(6.0).reshape(2, 3)) as sa:
         view = sa.as_array()
-        for derived in (sa.T, sa.mT, sa.reshape(3, 2), sa.ravel(), sa.real, sa.view("u8")):
+        for derived in (sa.T, sa.reshape(3, 2), sa.ravel(), sa.real, sa.view("u8")):
             assert type(derived) is np.ndarray
             assert np.shares_memory(derived, view)
         assert sa.T.shape == (3, 2)
@@ -386,7 +386,8 @@ def test_every_public_ndarray_name_is_declared_for_type_checkers() -> None:
         if isinstance(node, (ast.FunctionDef, ast.AnnAssign))
     }
     forwarded = {name for name in dir(np.ndarray) if not name.startswith("_")}
-    assert forwarded - set(dir(SharedArray)) <= declared
+    removed_in_numpy_2 = {"itemset", "newbyteorder", "ptp", "tostring"}  # forwarded on 1.x
+    assert forwarded - set(dir(SharedArray)) - removed_in_numpy_2 <= declared
 
 
 # -- conversions ---------------------------------------------------------------------------
