@@ -8,9 +8,9 @@ protocols instead. :class:`NDArrayLike` is that behaviour, for any class with an
 
 * **NEP 13** (``__array_ufunc__``) and the operators it gives through
   :class:`numpy.lib.mixins.NDArrayOperatorsMixin` (``+``, ``@``, ``<``, ``+=``, ...);
-  ``==`` and ``!=`` are the view's own, which compare element-wise even where no
-  ufunc loop exists (``sa == "x"`` is all ``False``, as on an ndarray).
-* **NEP 18** (``__array_function__``): ``np.concatenate([sa, sa])``, ``np.mean(sa)``.
+  ``==``, ``!=`` and ``**`` are the view's own, which do more than call the ufunc.
+* **NEP 18** (``__array_function__``): ``np.concatenate([sa, sa])``, ``np.mean(sa)``,
+  and ``like=sa`` (``np.ones(3, like=sa)`` is what ``like=`` an ndarray makes).
 * **Attributes**: public ndarray attributes and methods the class does not define
   itself (``sum``, ``T``, ``reshape``, ``itemsize``, ...) are read from the view.
   Private and dunder names are never forwarded.
@@ -250,12 +250,14 @@ class NDArrayLike(NDArrayOperatorsMixin, Generic[_ScalarT_co]):
         }
         new_args = _unwrap(args)
         if new_args is args and all(new_kwargs[key] is kwargs[key] for key in kwargs):
-            # The handle sits where _unwrap does not look (a custom sequence): calling
-            # func again would come back here. numpy's own code reads it via __array__.
             implementation = getattr(func, "_implementation", None)
             if implementation is None:
-                return NotImplemented
-            return _rewrap(implementation(*args, **kwargs), swaps)
+                # like=handle (np.ones(3, like=sa)): numpy passes the arguments without
+                # it, and without it the function makes what like=ndarray makes.
+                return func(*args, **kwargs)
+            # The handle sits where _unwrap does not look (a custom sequence): calling func
+            # again would come back here. numpy's own code reads it through __array__.
+            return implementation(*args, **kwargs)
         return _rewrap(func(*new_args, **new_kwargs), swaps)
 
     # Where ndarray's operator does more than call the ufunc, the view's own operator

@@ -283,6 +283,19 @@ def test_array_functions_reach_handles_in_any_sequence() -> None:
         np.testing.assert_array_equal(np.concatenate(Rows(sa, sa)), [0, 1, 2, 0, 1, 2])
 
 
+def test_like_a_handle_makes_what_like_an_ndarray_makes() -> None:
+    """np.asarray(x, like=sa) and np.ones(n, like=sa) give plain ndarrays, as like=ndarray."""
+    with SharedArray.allocate(2, "f4") as sa:
+        for got, expected in [
+            (np.asarray([1, 2], like=sa), np.asarray([1, 2])),
+            (np.ones(3, like=sa), np.ones(3)),
+            (np.arange(4, like=sa), np.arange(4)),
+        ]:
+            assert type(got) is np.ndarray
+            assert got.dtype == expected.dtype
+            np.testing.assert_array_equal(got, expected)
+
+
 def test_another_duck_arrays_override_receives_plain_ndarrays() -> None:
     """Mixed with a foreign duck array, numpy is called again with the handle's view."""
     seen: list[type[Any]] = []
