@@ -63,7 +63,9 @@ from ._header import (
     encode_header,
     header_size_for,
 )
-from .errors import LayoutError
+from ._ndarray_like import ConstructorOrCopy, CopyConstructor, NDArrayLike
+from ._shm_view import SharedMemoryView
+from .errors import ClosedError, LayoutError
 
 __all__ = [
     "ArrayLayout",
@@ -318,16 +320,22 @@ def _default_dtype(dtype: Any) -> Any:
     return np.float64 if dtype is _UNSET else dtype
 
 
-class SharedArray(BlockHandle, Generic[_ScalarT_co]):
+# NDArrayLike first: its __eq__, __hash__, __bool__, __getattr__ and __dir__ (the handle
+# behaves like its view: ufuncs, operators, array functions, ndarray attributes) win over
+# the handle base's defaults; see _ndarray_like.
+class SharedArray(NDArrayLike[_ScalarT_co], BlockHandle, Generic[_ScalarT_co]):
     """A handle to one numpy array in a named shared-memory block.
 
     Create one with :meth:`allocate`, :meth:`allocate_like` or :meth:`copy`
     (this handle then owns the block), or :meth:`attach` to an existing block
     by name. :meth:`as_array` returns a zero-copy view; writes through it are
-    seen by every process that maps the block. The handle also speaks numpy's
-    array protocol: ``np.asarray(sa)`` is that same view, and ``sa[i]``,
-    ``sa[i] = v``, ``len(sa)`` and iteration act on it. It is not an ndarray
-    subclass: use the view for arithmetic.
+    seen by every process that maps the block. The handle also behaves like
+    that view without being an ndarray subclass: ``np.asarray(sa)`` is the view;
+    ``sa[i]``, ``sa[i] = v``, ``len(sa)``, ndarray attributes and methods
+    (``sa.sum()``, ``sa.T``), operators and numpy functions act on it and return
+    ordinary ndarrays (``sa += 1`` and ``out=sa`` write into shared memory);
+    ``==`` is element-wise, so handles are unhashable. ``sa.copy()`` is numpy's
+    private copy; ``SharedArray.copy(x)`` the constructor.
 
     Generic in its scalar type like ``numpy.ndarray``: ``SharedArray.copy(x)``
     with ``x: NDArray[np.float32]`` is a ``SharedArray[np.float32]``.
@@ -737,30 +745,11 @@ class SharedArray(BlockHandle, Generic[_ScalarT_co]):
             raise TypeError("allocate_like_unsafe() needs a template")
         return cls._new(manager, ArrayLayout.of(template), name=name)
 
-    @overload
+    # The constructor ``copy`` is this classmethod behind the descriptor defined after it
+    # (on an instance, ``copy`` is numpy's copy()); its overloads for type checkers are
+    # _ndarray_like.CopyConstructor's.
     @classmethod
-    def copy(
-        cls,
-        manager: SharedMemoryManager | None,
-        array: _ArrayOf[_ScalarT],
-        *,
-        name: str | None = None,
-    ) -> SharedArray[_ScalarT]: ...
-    @overload
-    @classmethod
-    def copy(
-        cls, manager: SharedMemoryManager | None, array: ArrayLike, *, name: str | None = None
-    ) -> SharedArray[Any]: ...
-    @overload
-    @classmethod
-    def copy(
-        cls, array: _ArrayOf[_ScalarT], *, name: str | None = None
-    ) -> SharedArray[_ScalarT]: ...
-    @overload
-    @classmethod
-    def copy(cls, array: ArrayLike, *, name: str | None = None) -> SharedArray[Any]: ...
-    @classmethod  # type: ignore[misc]
-    def copy(
+    def _copy(
         cls, manager: Any = None, array: Any = _UNSET, *, name: str | None = None
     ) -> SharedArray[Any]:
         """Create a shared array holding a copy of ``array`` (any array-like).
@@ -768,6 +757,7 @@ class SharedArray(BlockHandle, Generic[_ScalarT_co]):
         ``copy(manager, array)`` or ``copy(array)``. An F-contiguous source
         stays F-contiguous; any other non-contiguous source (a slice, a
         transpose, a broadcast) is stored C-contiguous and compares equal.
+        On an instance, ``sa.copy(order="C")`` is numpy's: a private ndarray.
 
         Examples
         --------
@@ -782,6 +772,8 @@ class SharedArray(BlockHandle, Generic[_ScalarT_co]):
         source = np.asarray(array)
         layout = ArrayLayout.parse(source.shape, source.dtype, ArrayLayout.of(source).order)
         return cls._new(manager, layout, source, name=name)
+
+    copy: ConstructorOrCopy[CopyConstructor] = ConstructorOrCopy(_copy)
 
     @overload
     @classmethod
@@ -906,7 +898,7 @@ class SharedArray(BlockHandle, Generic[_ScalarT_co]):
         Raises
         ------
         ClosedError
-            This handle is closed.
+            This handle is closed (a :class:`ValueError` too).
         BlockNotFoundError, UntrustedBlockError, LayoutError
             This handle was unpickled where its block cannot be reached (the
             reason is the error's message).
@@ -952,6 +944,17 @@ class SharedArray(BlockHandle, Generic[_ScalarT_co]):
     def size(self) -> int:
         """Number of elements."""
         return math.prod(self._layout.shape)
+
+    # shared-memory-array's ``sa.shm`` (see _shm_view).
+    @property
+    def shm(self) -> SharedMemoryView:
+        """A SharedMemory-like view of the block, as shared-memory-array had.
+
+        ``.name`` (as :meth:`attach` takes it), ``.size`` and ``.buf``: the
+        array's data bytes, so ``np.ndarray(sa.shape, sa.dtype, buffer=sa.shm.buf)``
+        is the array (with ``order="F"`` for a Fortran-order one).
+        """
+        return SharedMemoryView(self)
 
     def managed(self) -> ManagedSharedMemoryArray[_ScalarT_co]:
         """A context manager yielding this handle and closing it on exit.
@@ -1022,16 +1025,23 @@ class SharedArray(BlockHandle, Generic[_ScalarT_co]):
         )
 
 
-class ManagedSharedMemoryArray(Generic[_ScalarT_co]):
+# NDArrayLike gives the wrapper the handle's numpy behaviour (through the
+# forwarded as_array()).
+class ManagedSharedMemoryArray(NDArrayLike[_ScalarT_co], Generic[_ScalarT_co]):
     """What :meth:`SharedArray.managed` returns: a context manager around one handle.
 
     ``with sa.managed() as a:`` yields the :class:`SharedArray` itself and closes
     it on exit (the owner's close also unlinks). Attribute access and the numpy
     protocol are forwarded to the handle, so ``m.shape``, ``m.as_array()``,
-    ``np.asarray(m)`` and ``m[0]`` work on the managed object too.
+    ``np.asarray(m)``, ``m[0]``, ``m.sum()``, ``m + 1`` and ``np.sqrt(m)`` work
+    on the managed object too.
 
-    Entering it after the handle is closed raises :class:`ValueError`; calling
-    ``__exit__`` without ``__enter__`` just closes the handle.
+    Each wrapper is entered once: entering it again after it exited raises
+    :class:`ClosedError` (a :class:`ValueError`), "already closed". Several
+    wrappers of one handle may be used one after another: the first exit closes
+    the handle, the later ones enter and exit harmlessly (a second close is a
+    no-op), though using the closed handle's data raises :class:`ClosedError`.
+    Calling ``__exit__`` without ``__enter__`` just closes the handle.
 
     Examples
     --------
@@ -1044,14 +1054,20 @@ class ManagedSharedMemoryArray(Generic[_ScalarT_co]):
     True
     """
 
-    __slots__ = ("_array",)
+    # _closed is this wrapper's own state (shared-memory-array's flag, which
+    # its tests read), not the handle's: other wrappers of the handle stay usable.
+    __slots__ = ("_array", "_closed")
 
     def __init__(self, array: SharedArray[_ScalarT_co]) -> None:
         self._array = array
+        self._closed = False  # set on exit
 
     def __enter__(self) -> SharedArray[_ScalarT_co]:
-        if self._array.closed:
-            raise ValueError(f"{self._array!r} is closed: a managed array cannot be re-entered")
+        if self._closed:
+            raise ClosedError(
+                f"this ManagedSharedMemoryArray of {self._array!r} is already closed "
+                "(it was exited): a managed array cannot be re-entered"
+            )
         return self._array
 
     def __exit__(
@@ -1060,10 +1076,11 @@ class ManagedSharedMemoryArray(Generic[_ScalarT_co]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._closed = True
         self._array.close()
 
     def __getattr__(self, name: str) -> Any:
-        if name == "_array":  # not set yet (a half-built copy): no endless recursion
+        if name in ("_array", "_closed"):  # not set yet (a half-built copy): no endless recursion
             raise AttributeError(name)
         return getattr(self._array, name)
 

@@ -77,8 +77,10 @@ class SharedData:
     def _open_block(self, what: str) -> CodecBlock:
         if self._block is None or self._state != "open":
             when = "before entering" if self._state == "new" else "after leaving"
+            # "not entered or already exited": fastshare's words, which its users match.
             raise RuntimeError(
-                f"SharedData.{what} exists only inside its with block (here: {when} it)"
+                f"SharedData.{what} exists only inside its with block: not entered or "
+                f"already exited (here: {when} it)"
             )
         return self._block
 
@@ -106,7 +108,11 @@ class SharedData:
 
     def __enter__(self) -> Self:
         if self._state != "new":
-            raise RuntimeError("a SharedData is entered once; make a new one to share again")
+            # "does not support re-entry": fastshare's words, which its users match.
+            raise RuntimeError(
+                "a SharedData is entered once (it does not support re-entry); "
+                "make a new one to share again"
+            )
         # Kept open until the end: this process holds the block for as long as it serves it.
         block = CodecBlock.create(pickle_out_of_band(self._obj))
         self._block, self._state = block, "open"

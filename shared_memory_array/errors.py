@@ -128,9 +128,10 @@ class UntrustedBlockError(_NamedBlockError, PermissionError):
 
 
 class ClosedError(SharedArrayError, ValueError):
-    """The handle (a ``SharedArray``, a ``SharedDict``) was closed: its data cannot be used.
+    """A closed handle (a ``SharedArray``, a ``SharedDict``) was used.
 
-    Also a :class:`ValueError`, as for a closed file.
+    Also a :class:`ValueError`, like using a closed file. Closing is this
+    handle's own doing; views taken before :meth:`close` stay valid.
     """
 
 

@@ -43,10 +43,9 @@ def test_asarray_is_the_zero_copy_view_not_an_object_array() -> None:
 
 
 def test_shared_array_is_not_an_ndarray_subclass() -> None:
-    """The handle speaks the protocol but stays a handle: not an ndarray, no ndarray methods."""
+    """The handle speaks the protocol but stays a handle: not an ndarray subclass."""
     with SharedArray.allocate(3, "f8") as sa:
         assert not isinstance(sa, np.ndarray)
-        assert not hasattr(sa, "sum")
 
 
 def test_numpy_functions_accept_the_handle() -> None:
@@ -303,7 +302,8 @@ def test_managed_forwards_attributes_and_the_numpy_protocol() -> None:
 
 
 def test_entering_after_close_raises_value_error() -> None:
-    """Re-entering after exit, or entering a closed handle's managed(), raises ValueError."""
+    """Re-entering after exit raises ValueError; a closed handle's new managed() enters, but
+    its data stays closed (v3: several wrappers of one handle, test_seed_expectations.py)."""
     managed = SharedArray.allocate(2, "i1").managed()
     with managed:
         pass
@@ -311,8 +311,8 @@ def test_entering_after_close_raises_value_error() -> None:
         pytest.fail("re-entered a closed managed array")
     closed = SharedArray.allocate(2, "i1")
     closed.close()
-    with pytest.raises(ValueError, match="closed"), closed.managed():
-        pytest.fail("entered a closed handle")
+    with closed.managed() as entered, pytest.raises(ValueError, match="closed"):
+        entered.as_array()
 
 
 def test_exit_without_enter_is_safe_and_closes() -> None:

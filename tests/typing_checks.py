@@ -17,6 +17,7 @@ from typing_extensions import assert_type
 from shared_memory_array import (
     BlockInfo,
     CleanupResult,
+    ClosedError,
     ManagedSharedMemoryArray,
     SharedArray,
     SharedData,
@@ -89,6 +90,56 @@ def check_array_generics(x32: NDArray[np.float32], xi8: NDArray[np.int8]) -> Non
         assert_type(inner, SharedArray[np.float32])
         assert_type(inner.as_array(), NDArray[np.float32])
     del wide, wrong, wrong_handle
+
+
+def check_ndarray_like(x32: NDArray[np.float32]) -> None:
+    # (v3) the handle behaves like its view: copy on the class builds, on an instance copies
+    s32 = SharedArray.copy(x32)
+    assert_type(SharedArray.copy(x32), SharedArray[np.float32])
+    assert_type(s32.copy(), NDArray[np.float32])
+    assert_type(s32.copy(order="F"), NDArray[np.float32])
+    s32.copy(x32)  # type: ignore[arg-type]  # an instance's copy() takes no array
+    # ndarray attributes and methods: typed where the scalar type carries, Any otherwise
+    assert_type(s32.T, NDArray[np.float32])
+    assert_type(s32.reshape(3, 2), NDArray[np.float32])
+    assert_type(s32.ravel(), NDArray[np.float32])
+    assert_type(s32.astype(np.int8), NDArray[Any])
+    assert_type(s32.itemsize, int)
+    assert_type(s32.ndim, int)
+    assert_type(s32.size, int)
+    assert_type(s32.sum(), Any)
+    assert_type(s32.mean(axis=0), Any)
+    assert_type(s32.tolist(), Any)
+    s32.no_such_method()  # type: ignore[attr-defined]  # typos are still caught
+    # operators (element-wise, comparisons too), in place, conversions
+    assert_type(s32 + 1, Any)
+    assert_type(2 * s32, Any)
+    assert_type(s32 @ s32, Any)
+    assert_type(s32 == s32, Any)
+    assert_type(s32 < 1, Any)
+    s32 += 1
+    assert_type(s32, SharedArray[np.float32])
+    assert_type(bool(s32), bool)
+    assert_type(float(s32), float)
+    # numpy functions take the handle; np.asarray keeps the scalar type
+    assert_type(np.asarray(s32), NDArray[np.float32])
+    np.sqrt(s32)
+    np.concatenate([s32, s32])
+    # shared-memory-array's sa.shm
+    assert_type(s32.shm.name, str)
+    assert_type(s32.shm.size, int)
+    assert_type(s32.shm.buf, memoryview)
+    # the managed wrapper forwards all of it
+    managed = s32.managed()
+    assert_type(managed.T, NDArray[np.float32])
+    assert_type(managed + 1, Any)
+    assert_type(managed.sum(), Any)
+
+
+def check_errors() -> None:
+    assert_type(ClosedError("closed"), ClosedError)
+    closed: ValueError = ClosedError("a ValueError too")
+    del closed
 
 
 def check_codec(obj: object, weights: dict[str, NDArray[np.float32]]) -> None:
