@@ -217,20 +217,30 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [10**7] if args.quick else [10**8] + ([] if args.skip_1gb else [10**9])
     repeats = 2 if args.quick else 5
+    print(f"# Cluster benchmark{' (quick)' if args.quick else ''}")
     rows: list[Row] = []
-    missing = []
+    missing: list[str] = []  # engines not installed: "Dask", "Ray"
     if not args.no_dask:
         if importlib.util.find_spec("distributed") is None:
-            missing.append("Dask (pip install '.[dask]')")
+            missing.append("Dask")
         else:
             bench_dask(sizes, repeats, rows)
     if not args.no_ray:
         if importlib.util.find_spec("ray") is None:
-            missing.append("Ray (pip install '.[ray]')")
+            missing.append("Ray")
         else:
             bench_ray(sizes, repeats, rows)
+    if not rows:
+        extras = ",".join(engine.lower() for engine in missing)
+        why = (
+            f"{' and '.join(missing)} not installed: pip install '.[{extras}]'"
+            if missing
+            else "--no-dask --no-ray"
+        )
+        print(f"skipped, no engine to measure ({why})")
+        return
     for engine in missing:
-        print(f"{engine}: not installed, its rows left out")
+        print(f"{engine} (pip install '.[{engine.lower()}]'): not installed, its rows left out")
     print(
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
         f"{os.cpu_count()} CPUs; median of {repeats}"

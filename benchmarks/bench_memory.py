@@ -280,9 +280,7 @@ def _measure(
         del result
     gc.collect()
     time.sleep(0.3)
-    row = Row(case, method, data, extra, shm_used() - shm_before, ours=ours)
-    print(f"  {method}: +{extra / MB:.0f} MB", flush=True)
-    return row
+    return Row(case, method, data, extra, shm_used() - shm_before, ours=ours)
 
 
 def broadcast_rows(sampler: Sampler, nbytes: int, workers: int, peers: bool) -> list[Row]:
@@ -484,14 +482,15 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true", help="leave out Dask and Ray")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
-    print(f"Python {platform.python_version()}, numpy {np.__version__}")
+    print(
+        f"# Memory benchmark{' (quick)' if args.quick else ''}: Python "
+        f"{platform.python_version()}, numpy {np.__version__}"
+    )
     print(f"{platform.platform()}, {os.cpu_count()} CPUs")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     rows = []
     with Sampler() as sampler:
-        print("broadcast:", flush=True)
         rows += broadcast_rows(sampler, 400 * MB // scale, args.workers, not args.skip_peers)
-        print("results:", flush=True)
         rows += results_rows(sampler, 100 * MB // scale, args.workers)
     print_table(rows)
 

@@ -95,7 +95,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="rounds per figure (median)")
     args = parser.parse_args()
     scale = 10 if args.quick else 1
-    print(f"Python {platform.python_version()}, numpy {np.__version__}, {platform.platform()}")
+    print(
+        f"# Codec reuse benchmark{' (quick)' if args.quick else ''}: Python "
+        f"{platform.python_version()}, numpy {np.__version__}, {platform.platform()}"
+    )
+    print(
+        "\n## the first three transfers of a large array: write + read + release, "
+        f"median of {args.repeat} rounds\n"
+    )
     print("| size | cadence | variant | 1st | 2nd | 3rd | faults 1st/2nd/3rd |")
     print("|---|---|---|---|---|---|---|")
     for nbytes in (100 * MB // scale, 1000 * MB // scale):
@@ -116,6 +123,11 @@ def main() -> None:
                     flush=True,
                 )
         del array
+    print(
+        "\nfaults: minor page faults of the calling thread in each transfer (a copy into pages "
+        "not yet mapped takes one per 4 KiB page); 'before' stubs out the populate thread that "
+        "maps a pooled block in off the hot path."
+    )
 
 
 def gap_text(seconds: float) -> str:

@@ -1,6 +1,6 @@
 """Pass SharedArray handles through Dask: by handle on this machine, by value elsewhere.
 
-Needs the dask extra (pip install 'shared-memory-array[dask]'); prints a note without it.
+Needs the dask extra (pip install 'zero-copy-shared-memory[dask]'); prints a note without it.
 """
 
 from __future__ import annotations
@@ -45,6 +45,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if importlib.util.find_spec("distributed") is None:
-        print("this example needs Dask: pip install 'shared-memory-array[dask]'")
+        print("this example needs Dask: pip install 'zero-copy-shared-memory[dask]'")
     else:
         main()

@@ -1,6 +1,6 @@
 """Pass a SharedArray and a SharedDict through Ray tasks and an actor, by handle.
 
-Needs the ray extra (pip install 'shared-memory-array[ray]'); prints a note without it.
+Needs the ray extra (pip install 'zero-copy-shared-memory[ray]'); prints a note without it.
 """
 
 from __future__ import annotations
@@ -67,6 +67,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if importlib.util.find_spec("ray") is None:
-        print("this example needs Ray: pip install 'shared-memory-array[ray]'")
+        print("this example needs Ray: pip install 'zero-copy-shared-memory[ray]'")
     else:
         main()

@@ -31,7 +31,7 @@ from .errors import LayoutError as LayoutError
 from .errors import SharedArrayError as SharedArrayError
 from .errors import UntrustedBlockError as UntrustedBlockError
 
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 __all__ = [
     "AllocationError",

@@ -1,7 +1,7 @@
 """Dask adapter: handles go by handle where the receiver sees our /dev/shm, by value elsewhere.
 
 Importing this module is all a program does (``pip install
-shared-memory-array[dask]``)::
+zero-copy-shared-memory[dask]``)::
 
     import shared_memory_array.dask  # noqa: F401  (in the client, before the cluster starts)
 

@@ -1,6 +1,6 @@
 """Ray adapter: handles go by handle within a node's /dev/shm, by value across nodes.
 
-Enable it with two lines (``pip install shared-memory-array[ray]``)::
+Enable it with two lines (``pip install zero-copy-shared-memory[ray]``)::
 
     import ray
     import shared_memory_array.ray as sma_ray

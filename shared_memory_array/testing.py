@@ -1,6 +1,6 @@
 """Hypothesis strategies for shared arrays, for this project's tests and for yours.
 
-Needs the optional ``hypothesis`` package: ``pip install 'shared-memory-array[test]'``.
+Needs the optional ``hypothesis`` package: ``pip install 'zero-copy-shared-memory[test]'``.
 Without it, importing this module raises an ``ImportError`` that says so.
 
 >>> from hypothesis import given
@@ -25,7 +25,7 @@ except ModuleNotFoundError as exc:  # only a missing Hypothesis; its own errors 
     # ModuleNotFoundError (an ImportError) so that pytest.importorskip skips quietly.
     raise ModuleNotFoundError(
         "shared_memory_array.testing needs Hypothesis, which is not installed: "
-        "pip install 'shared-memory-array[test]'",
+        "pip install 'zero-copy-shared-memory[test]'",
         name=exc.name,
     ) from exc
 

@@ -47,7 +47,7 @@ def test_testing_without_hypothesis_names_the_test_extra(hide: str) -> None:
     assert done.returncode == 0, done.stderr
     kind, message = done.stdout.strip().split("\n", 1)
     assert kind == "ModuleNotFoundError True hypothesis"
-    assert "pip install 'shared-memory-array[test]'" in message
+    assert "pip install 'zero-copy-shared-memory[test]'" in message
     assert "Hypothesis" in message
 
 
