@@ -161,6 +161,7 @@ def bench_ray(sizes: list[int], repeats: int, rows: list[Row]) -> None:
     sma_ray: Any = importlib.import_module("shared_memory_array.ray")
     here = os.path.dirname(os.path.abspath(__file__))
     ray.init(
+        address="local",  # a Ray of its own, never a cluster already running
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -424,6 +424,7 @@ def _dask_broadcast(items: int, workers: int, expected: float) -> Iterator[Calla
 def _ray_broadcast(items: int, workers: int, expected: float) -> Iterator[Callable[[], object]]:
     ray = importlib.import_module("ray")  # an optional peer, typed Any
     ray.init(
+        address="local",  # a Ray of its own, never a cluster already running
         num_cpus=workers,
         object_store_memory=max(100 * MB, 3 * items * 4),
         include_dashboard=False,

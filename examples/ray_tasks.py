@@ -42,6 +42,7 @@ def main() -> None:
     ray: Any = importlib.import_module("ray")  # Any: an optional dependency
 
     ray.init(
+        address="local",  # a Ray of its own, never a cluster already running
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

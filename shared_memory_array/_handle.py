@@ -44,7 +44,7 @@ import contextlib
 import contextvars
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, Final
 
 from typing_extensions import Self
@@ -54,7 +54,13 @@ from ._block import SharedBlock
 from ._header import MAGIC, BlockKind, Header, parse_header
 from ._identity import check_same_shm, shm_identity
 from ._platform import backend
-from .errors import BlockNotFoundError, ClosedError, LayoutError, SharedArrayError
+from .errors import (
+    BlockBeingCreatedError,
+    BlockNotFoundError,
+    ClosedError,
+    LayoutError,
+    SharedArrayError,
+)
 
 __all__ = ["CREATION_WAIT", "BlockHandle", "land", "one_pickle_per_message"]
 
@@ -198,7 +204,7 @@ class BlockHandle:
                     "for (the name was reused by another block)",
                 )
             cls._check_header(block, header)
-            end = min(block.size, cls._payload_end(header))
+            end = min(block.size, cls._payload_end(header, block.read_at))
             hole = block.first_hole(0, end)
             if hole is not None:
                 raise LayoutError(
@@ -228,8 +234,11 @@ class BlockHandle:
             )
 
     @classmethod
-    def _payload_end(cls, header: Header) -> int:
-        """Bytes from the block's start whose pages must all be there before mapping."""
+    def _payload_end(cls, header: Header, read: Callable[[int, int], bytes]) -> int:
+        """Bytes from the block's start whose pages must all be there before mapping.
+
+        ``read(size, offset)`` reads more of the block, without mapping it.
+        """
         return header.data_offset + header.nbytes
 
     # -- the lifetime rule -------------------------------------------------------------
@@ -420,7 +429,7 @@ def _read_header(block: SharedBlock, kind: BlockKind, verify_checksum: bool) -> 
         if raw.strip(b"\0")[:1] or not block.hold.owner_elsewhere():
             return parse_header(raw, expected_kind=kind, name=block.name, block_size=block.size)
         if time.monotonic() > deadline:
-            raise BlockNotFoundError(
+            raise BlockBeingCreatedError(
                 block.name, f"block {block.name!r} is still being created (no header yet)"
             )
         time.sleep(delay)

@@ -6,13 +6,13 @@ heap in a region of its block; the dict does.
 
 Layout of the region (offsets relative to its start, which is 8-aligned)
 ------------------------------------------------------------------------
-* Words 0-7, the meta: magic ``b"SMAHEAP1"``, region size, a reserved word,
-  number of free blocks, bytes in free blocks, number of allocated
-  blocks, and two words of bitmap (bit ``c`` set when free list ``c`` is not
-  empty).
+* Words 0-7, the meta: magic ``b"SMAHEAP1"``, region size, the *limit* (bytes
+  of the region in use, see below; 0 means all of it), number of free blocks,
+  bytes in free blocks, number of allocated blocks, and two words of bitmap
+  (bit ``c`` set when free list ``c`` is not empty).
 * Words 8 to 8 + :data:`NUM_CLASSES`: the heads of the segregated free lists
-  (absolute offsets in the block; 0 ends a list).
-* A prologue tag, the blocks, and an epilogue tag. Each block is a multiple of
+  (offsets in ``buf``; 0 ends a list).
+* A prologue tag, the blocks, and an epilogue tag just below the limit. Each block is a multiple of
   16 bytes (at least 32) and carries a boundary tag, ``size | 1`` when
   allocated or ``size`` when free, in its first word (header) and its last word
   (footer); the payload starts after the header, 16-byte aligned. A free block
@@ -27,6 +27,18 @@ O(1), else the first block of the next non-empty class found through the bitmap
 :data:`FIRST_FIT_SCAN` blocks) of their own list. ``free`` merges the block with
 free neighbours found through the boundary tags, in O(1).
 
+Offsets are those of ``buf``. A kind that hands the heap a view of its region
+alone (``offset`` 0) gets offsets relative to the region, which stay valid when
+the region's bytes are copied into another block (how a dict grows).
+
+The limit
+---------
+Only the first ``limit`` bytes of the region are in use: blocks, tags and the
+epilogue lie below it, and nothing beyond it is ever read or written. The
+owner of the region reserves pages up to the limit before it raises it
+(:meth:`Heap.extend`): memory is taken as it is needed, not when the region is
+laid out.
+
 The heap is not safe against a process dying inside ``alloc``/``free``: the
 caller serialises calls with a lock and, after a crash, calls :meth:`Heap.rebuild`
 with the payloads still in use, which rewrites every tag and list from that set.
@@ -37,7 +49,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from .errors import AllocationError, LayoutError
+from .errors import HeapFullError, LayoutError
 
 __all__ = ["MIN_BLOCK", "NUM_CLASSES", "Heap", "heap_overhead"]
 
@@ -49,9 +61,7 @@ TAG_BYTES: Final = 16  # header + footer
 FIRST_FIT_SCAN: Final = 16
 _META_WORDS: Final = 8
 _HEADS: Final = _META_WORDS  # word index of the first list head, relative to the region
-(_MAGIC, _SIZE, _RESERVED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH) = (
-    range(8)
-)
+(_MAGIC, _SIZE, _LIMIT, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH) = range(8)
 _ALLOCATED_BIT: Final = 1
 _SIZE_MASK: Final = ~(GRANULE - 1)
 _WORD_MASK: Final = (1 << 64) - 1
@@ -93,7 +103,7 @@ class Heap:
 
     __slots__ = ("_base", "_end_block", "_first_block", "_heads", "_words", "offset", "size")
 
-    def __init__(self, buf: memoryview, offset: int, size: int) -> None:
+    def __init__(self, buf: memoryview, offset: int, size: int, limit: int = 0) -> None:
         if offset % 8 or offset < 0 or size < heap_overhead() + MIN_BLOCK:
             raise LayoutError(f"invalid heap region: offset {offset}, size {size}")
         if offset + size > len(buf):
@@ -109,20 +119,25 @@ class Heap:
         meta_end = offset + 8 * (_META_WORDS + NUM_CLASSES)
         first = meta_end + 8  # past the prologue tag
         self._first_block = first + (8 - first) % GRANULE
-        end = offset + size - 8  # room for the epilogue tag
-        self._end_block = end - (end - 8) % GRANULE
+        self._end_block = self._end_for(limit or size)
         if self._end_block - self._first_block < MIN_BLOCK:
-            raise LayoutError(f"heap region of {size} bytes is too small")
+            raise LayoutError(f"heap region of {size} bytes (limit {limit}) is too small")
+
+    def _end_for(self, limit: int) -> int:
+        """Where the epilogue goes for a limit (blocks end there)."""
+        end = self.offset + min(limit, self.size) - 8  # room for the epilogue tag
+        return end - (end - 8) % GRANULE
 
     @classmethod
-    def format(cls, buf: memoryview, offset: int, size: int) -> Heap:
-        """Lay out an empty heap in the region (one free block) and return it."""
-        heap = cls(buf, offset, size)
+    def format(cls, buf: memoryview, offset: int, size: int, limit: int = 0) -> Heap:
+        """Lay out an empty heap in the region (one free block up to ``limit``) and return it."""
+        heap = cls(buf, offset, size, limit)
         words, base = heap._words, heap._base
         for index in range(base, heap._heads + NUM_CLASSES):
             words[index] = 0
         words[base + _MAGIC] = MAGIC
         words[base + _SIZE] = size
+        words[base + _LIMIT] = limit if limit and limit < size else 0
         heap._reset_blocks()
         return heap
 
@@ -135,15 +150,20 @@ class Heap:
         LayoutError
             The region does not start with a heap of this size.
         """
-        heap = cls(buf, offset, size)
-        magic = heap._words[heap._base + _MAGIC]
-        recorded = heap._words[heap._base + _SIZE]
+        words = buf[: len(buf) & ~7].cast("Q") if offset + 24 <= len(buf) else None
+        if words is None:
+            raise LayoutError(f"no heap at offset {offset} of a {len(buf)}-byte block")
+        at = offset >> 3
+        magic, recorded, limit = words[at + _MAGIC], words[at + _SIZE], words[at + _LIMIT]
+        words.release()
         if magic != MAGIC or recorded != size:
             raise LayoutError(
                 f"no heap of {size} bytes at offset {offset} "
                 f"(magic {magic:#018x}, recorded size {recorded})"
             )
-        return heap
+        if limit > size:
+            raise LayoutError(f"heap at offset {offset}: limit {limit} beyond its {size} bytes")
+        return cls(buf, offset, size, int(limit))
 
     # -- internals --------------------------------------------------------------------
 
@@ -157,7 +177,7 @@ class Heap:
         words, base = self._words, self._base
         for index in range(self._heads, self._heads + NUM_CLASSES):
             words[index] = 0
-        for field in (_RESERVED, _FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH):
+        for field in (_FREE_BLOCKS, _FREE_BYTES, _ALLOCATED, _BITMAP_LOW, _BITMAP_HIGH):
             words[base + field] = 0
         words[(self._first_block - 8) >> 3] = _ALLOCATED_BIT  # prologue
         words[self._end_block >> 3] = _ALLOCATED_BIT  # epilogue
@@ -250,7 +270,7 @@ class Heap:
                     first = 64
                 high = words[base + _BITMAP_HIGH] >> (first - 64)
                 if not high:
-                    raise AllocationError(
+                    raise HeapFullError(
                         f"heap full: no free block for {nbytes} bytes "
                         f"({words[base + _FREE_BYTES]} bytes free in "
                         f"{words[base + _FREE_BLOCKS]} blocks of a {self.size}-byte heap)",
@@ -318,6 +338,45 @@ class Heap:
                 return
             self._unlink(start, previous_tag)
             block, size = start, merged
+        self._insert(block, size)
+
+    def refresh(self) -> None:
+        """Follow a limit another process raised (call with the owner's lock held)."""
+        recorded = self._words[self._base + _LIMIT]
+        end = self._end_for(recorded or self.size)
+        if end != self._end_block:
+            self._end_block = end
+
+    @property
+    def limit(self) -> int:
+        """Bytes of the region in use (pages up to here must be reserved)."""
+        return (
+            self.size
+            if not self._words[self._base + _LIMIT]
+            else int(self._words[self._base + _LIMIT])
+        )
+
+    def extend(self, limit: int) -> None:
+        """Raise the limit to ``limit``: the new bytes become free space.
+
+        The caller has reserved the pages up to ``offset + limit`` already. A
+        crash in the middle leaves tags that :meth:`rebuild` rewrites from the
+        recorded limit (the caller calls it inside a journalled mutation).
+        """
+        limit = min(limit, self.size)
+        old_end, new_end = self._end_block, self._end_for(limit)
+        if new_end - old_end < MIN_BLOCK:
+            return
+        words, base = self._words, self._base
+        words[new_end >> 3] = _ALLOCATED_BIT  # the new epilogue first
+        words[base + _LIMIT] = limit if limit < self.size else 0
+        self._end_block = new_end
+        block, size = old_end, new_end - old_end
+        previous_tag = words[(block >> 3) - 1]
+        if block > self._first_block and not previous_tag & _ALLOCATED_BIT:
+            start = block - previous_tag  # merge with the free block below the old epilogue
+            self._unlink(start, previous_tag)
+            block, size = start, size + previous_tag
         self._insert(block, size)
 
     def payload_size(self, payload: int) -> int:

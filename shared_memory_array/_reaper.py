@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import enum
 import multiprocessing.util
 import os
@@ -118,6 +119,8 @@ class Judgement:
         Handles pickled and not yet unpickled, within their grace.
     raw_creator : tuple of int or None
         The creator pid and start time an unreadable header's first bytes name.
+    followers : tuple of str
+        Blocks reaped with this one (a dict's data blocks), by :func:`reap`.
     """
 
     name: str
@@ -130,6 +133,7 @@ class Judgement:
     error: str | None = None
     in_flight: int = 0
     raw_creator: tuple[int, int] | None = None
+    followers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class BlockFacts:
 
 KIND_POLICIES: dict[BlockKind, Callable[[BlockFacts], str | None]] = {}
 """Per kind, a policy that returns a reason to keep an unheld block (or ``None``)."""
+KIND_FOLLOWERS: dict[BlockKind, Callable[[BlockFacts], list[str]]] = {}
+"""Per kind, the blocks that go with one: reaped right after it (a dict's data blocks)."""
 
 
 def _read_header(
@@ -369,11 +375,31 @@ def reap(name: str, *, now: float | None = None) -> Judgement:
             return judgement
         if not locks.still_named():
             return Judgement(name, Verdict.GONE, "replaced meanwhile", "unreadable", None)
+        followers = _followers(name, fd, judgement.header)
         if not backend.unlink(name):
             return Judgement(name, Verdict.GONE, "gone", "unreadable", None)
-        return judgement
     finally:
         locks.close()
+    gone = []
+    for follower in followers:
+        with contextlib.suppress(OSError, ValueError, LayoutError):
+            if reap(follower).verdict is Verdict.REAP:
+                gone.append(follower)
+    return dataclasses.replace(judgement, followers=tuple(gone))
+
+
+def _followers(name: str, fd: int, header: Header | None) -> list[str]:
+    """The blocks that go with ``name`` (read before it is unlinked)."""
+    follow = None if header is None else KIND_FOLLOWERS.get(header.kind)
+    if follow is None or header is None:
+        return []
+
+    def read(size: int, offset: int) -> bytes:
+        return backend.read_at(fd, size, offset)
+
+    with contextlib.suppress(OSError, ValueError):
+        return follow(BlockFacts(name, header, read))
+    return []
 
 
 def _clamp_future_stamps(fd: int, header: Header) -> None:

@@ -290,6 +290,9 @@ def cleanup(dry_run: bool = False) -> CleanupResult:
             continue
         if judgement.verdict is Verdict.REAP:
             result.cleaned.append(name)
+            for follower in judgement.followers:  # went with it (a dict's data block)
+                result.cleaned.append(follower)
+                result.reasons[follower] = f"went with {name!r}"
         else:
             result.skipped.append(name)
         result.reasons[name] = _reason(judgement)

@@ -92,6 +92,14 @@ class BlockBusyError(BlockNotFoundError):
     """
 
 
+class BlockBeingCreatedError(BlockNotFoundError):
+    """Internal: the block exists but its creator has not finished it (no header yet).
+
+    To anyone else it is a :class:`BlockNotFoundError`: a block still being
+    created is not a corrupt one (``SharedDict.open`` waits for it).
+    """
+
+
 class BlockExistsError(_NamedBlockError, FileExistsError):
     """A block of that name exists already (``create`` of a name in use).
 
@@ -133,6 +141,14 @@ class ClosedError(SharedArrayError, ValueError):
     Also a :class:`ValueError`, like using a closed file. Closing is this
     handle's own doing; views taken before :meth:`close` stay valid.
     """
+
+
+class TableFullError(AllocationError):
+    """Internal: a dict's table has no room for another key (it grows, or says so)."""
+
+
+class HeapFullError(AllocationError):
+    """Internal: a heap has no free block large enough (its owner grows it, or says so)."""
 
 
 class LayoutError(SharedArrayError, ValueError):

@@ -160,7 +160,7 @@ def die_inside_update(name: str) -> None:
 
 def die_inside_repair(name: str, stores: int) -> None:
     """Attach, start repairing and SIGKILL this process after ``stores`` journal slot restores."""
-    from shared_memory_array import _journal
+    from shared_memory_array._dict import _journal
 
     original = _journal.restore_slot
     count = [0]

@@ -39,3 +39,15 @@ def with_field(header: bytes, field: str, value: int) -> bytearray:
     raw = bytearray(header)
     struct.pack_into(fmt, raw, offset, value)
     return reseal(raw)
+
+
+def shield_in_flight(data: bytearray, lifetime_offset: int) -> None:
+    """Record one pickle in flight, now, in a v3 lifetime area (see _lifetime).
+
+    A hand-written block nobody maps is an orphan; a pickle in flight shields it
+    from other processes' reapers for the handoff grace.
+    """
+    from shared_memory_array._platform import backend
+
+    ticket_table = lifetime_offset + 64
+    struct.pack_into("<QQ", data, ticket_table, 0x5EED_5EED, backend.shared_clock_ns())

@@ -29,8 +29,8 @@ from shared_memory_array import (
     ZeroCopyDict,
 )
 from shared_memory_array._block import PREFIX, SharedBlock
+from shared_memory_array._dict._keys import decode_key, encode_key
 from shared_memory_array._header import BlockKind, encode_header, header_size_for
-from shared_memory_array._keys import decode_key, encode_key
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -253,7 +253,7 @@ def test_mapping_methods(shared: SharedDict) -> None:
 
 def test_max_items_distinct_keys_fit_and_one_more_fails() -> None:
     """Exactly max_items keys fit; the next new key raises AllocationError and changes nothing."""
-    with SharedDict.create(unique_name(), max_items=10, heap_size=1 << 16) as d:
+    with SharedDict.create(unique_name(), max_items=10, heap_size=1 << 16, grow=False) as d:
         for i in range(10):
             d[i] = i
         with pytest.raises(AllocationError, match="full"):
@@ -276,7 +276,7 @@ def test_table_survives_many_tombstones() -> None:
 
 def test_heap_full_leaves_contents_unchanged() -> None:
     """A value too large for the heap raises AllocationError; every key keeps its value."""
-    with SharedDict.create(unique_name(), max_items=10, heap_size=4096) as d:
+    with SharedDict.create(unique_name(), max_items=10, heap_size=4096, grow=False) as d:
         d["a"] = b"x" * 1000
         d["b"] = 2
         before = dict(d.items())
@@ -293,7 +293,7 @@ def test_heap_full_leaves_contents_unchanged() -> None:
 @pytest.mark.parametrize("reason", ["table", "heap"])
 def test_update_is_all_or_nothing(reason: str) -> None:
     """An update that does not fit raises AllocationError and stores none of its pairs."""
-    with SharedDict.create(unique_name(), max_items=8, heap_size=4096) as d:
+    with SharedDict.create(unique_name(), max_items=8, heap_size=4096, grow=False) as d:
         d.update({"a": 1, "b": 2})
         before = dict(d.items())
         batch: dict[str, object]
@@ -389,16 +389,25 @@ def test_attach_rejects_other_kinds_and_bad_geometry() -> None:
         block.buf[: len(header)] = header
         with pytest.raises(LayoutError, match="kind"):
             SharedDict.attach(name)
-        control = header_size_for(extra_len=48)  # the dict header with its 48-byte geometry
-        geometry = (control, 10**12, 12, 5, 0, 0)
-        extra = b"".join(value.to_bytes(8, "little") for value in geometry)
-        header = encode_header(BlockKind.DICT, nbytes=0, extra=extra)
-        block.buf[: len(header)] = header
-        with pytest.raises(LayoutError, match="slot count 12"):
-            SharedDict.attach(name)
     finally:
         block.close()
         block.unlink()
+    # A dict whose data block's geometry is impossible (written over by another process).
+    with SharedDict.create(name, max_items=4, heap_size=4096):
+        data = SharedBlock.attach(f"{PREFIX}{name}~0")
+        try:
+            data_name = f"{PREFIX}{name}~0"
+            control = header_size_for(extra_len=48, name=data_name)  # a 48-byte geometry
+            geometry = (control, 10**12, 12, 5, 0, 0)
+            extra = b"".join(value.to_bytes(8, "little") for value in geometry)
+            header = encode_header(
+                BlockKind.DICT_DATA, nbytes=data.size - control, extra=extra, name=data_name
+            )
+            data.buf[: len(header) - 512] = header[:-512]  # the header, not the lifetime area
+            with pytest.raises(LayoutError, match="slot count 12"):
+                SharedDict.attach(name)
+        finally:
+            data.close()
 
 
 def test_close_is_idempotent_and_later_use_raises() -> None:
@@ -518,11 +527,11 @@ def test_interrupted_mutation_is_repaired_on_next_lock(shared: SharedDict) -> No
     """A recorded in-progress mutation with damaged heap lists and a leak is repaired."""
     shared.update({f"k{i}": i for i in range(20)})
     del shared["k3"]
-    shared._heap.alloc(500)  # a leaked entry, as left by a writer killed before publishing
-    control = shared._ctl
-    control[4] = 999_999  # holder pid: a mutation was in progress
-    heap_lists = shared._heap.offset + 8 * 8
-    shared._buf[heap_lists : heap_lists + 8 * 96] = bytes(8 * 96)  # free lists lost
+    table = shared._table
+    table.heap.alloc(500)  # a leaked entry, as left by a writer killed before publishing
+    table.ctl.holder_pid = 999_999  # a mutation was in progress
+    heap_lists = 8 * 8  # the heap's lists, after its 8 meta words (see _heap)
+    table.hbuf[heap_lists : heap_lists + 8 * 96] = bytes(8 * 96)  # free lists lost
     assert shared["k5"] == 5
     assert shared.stats()["repairs"] == 1
     shared._check()

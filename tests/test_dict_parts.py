@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from shared_memory_array import _journal
+from shared_memory_array._dict import _journal
+from shared_memory_array._dict._journal import Journal, UpdateJournal
+from shared_memory_array._dict._keys import encode_key
+from shared_memory_array._dict._layout import OFFSET_MASK, PICKLED, Geometry
+from shared_memory_array._dict._table import Table
 from shared_memory_array._heap import Heap
-from shared_memory_array._journal import Journal
-from shared_memory_array._keys import encode_key
-from shared_memory_array._table import HOLDER_PID, JOURNAL, OFFSET_MASK, Geometry, Table
 from shared_memory_array.errors import AllocationError
 
 
@@ -19,18 +20,20 @@ def make_table(max_items: int = 16, heap_size: int = 1 << 14) -> Table:
     """A table over a private bytearray laid out as a dict block (control area at 64)."""
     geometry = Geometry.plan(64, max_items, heap_size)
     buf = memoryview(bytearray(geometry.block_size))
-    Heap.format(buf, geometry.heap, geometry.heap_size)
+    Heap.format(buf[geometry.heap : geometry.block_size], 0, geometry.heap_size)
     return Table(buf, geometry, "unit")
 
 
-def put(table: Table, key: str, value: bytes, journal: Journal | None = None) -> tuple[int, int]:
+def put(
+    table: Table, key: str, value: bytes, journal: UpdateJournal | None = None
+) -> tuple[int, int]:
     encoded = encode_key(key)[0]
-    return table.put(encoded, zlib.crc32(encoded), b"", value, journal)
+    return table.put(encoded, zlib.crc32(encoded), b"", (PICKLED, value), journal)
 
 
 def contents(table: Table) -> dict[Any, bytes]:
     return {
-        table.entry_key(word & OFFSET_MASK): bytes(table.entry_value(word & OFFSET_MASK))
+        table.entry_key(word & OFFSET_MASK): bytes(table.entry_value(word & OFFSET_MASK)[1])
         for word in table.live_words()
     }
 
@@ -40,8 +43,11 @@ def test_table_put_probe_remove_and_rebuild() -> None:
     table = make_table()
     for i in range(10):
         put(table, f"k{i}", b"v%d" % i)
+    index, replaced = put(table, "k3", b"first update")
+    assert replaced > 1  # born compact: the first update writes an entry with two areas
+    table.heap.free(replaced & OFFSET_MASK)
     index, replaced = put(table, "k3", b"replaced")
-    assert replaced == 0  # a small value is updated in place
+    assert replaced == 0  # from then on a small value is updated in place
     encoded = encode_key("k4")[0]
     index, word, _ = table.probe(encoded, zlib.crc32(encoded))
     table.unpublish(index, word)
@@ -63,9 +69,9 @@ def crashed_update(table: Table) -> tuple[Journal, dict[Any, bytes]]:
     before = contents(table)
     journal = Journal(table, lambda: None)
     journal.begin()
-    journal.arm(6)
+    recorder = journal.arm(6)
     for i in (0, 1, 7, 8):  # two replaced keys, two new ones
-        put(table, f"k{i}", b"new", journal)
+        put(table, f"k{i}", b"new", recorder)
     return journal, before
 
 
@@ -76,8 +82,8 @@ def test_journal_repair_rolls_back_an_update_cut_short() -> None:
     assert contents(table) != before
     journal.repair()
     assert contents(table) == before
-    assert table.ctl[JOURNAL] == 0
-    assert table.ctl[HOLDER_PID] == 0
+    assert table.ctl.journal == 0
+    assert table.ctl.holder_pid == 0
     table.check()
 
 
@@ -115,8 +121,8 @@ def test_journal_repair_interrupted_at_any_step_is_finished_by_the_next(
             patch.setattr(Table, "entry_fits", die)
         with pytest.raises(Killed):
             journal.repair()
-    assert table.ctl[HOLDER_PID] != 0  # the next locker repairs again
+    assert table.ctl.holder_pid != 0  # the next locker repairs again
     journal.repair()
     assert contents(table) == before
-    assert table.ctl[JOURNAL] == 0
+    assert table.ctl.journal == 0
     table.check()

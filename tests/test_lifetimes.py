@@ -456,7 +456,8 @@ def test_garbage_collected_inside_the_registry_lock_does_not_deadlock() -> None:
     """A handle in a reference cycle, collected while the hold or dict lock registry is locked."""
     code = """
 import gc
-from shared_memory_array import SharedArray, SharedDict, _lifetime, _lock
+from shared_memory_array import SharedArray, SharedDict, _lifetime
+from shared_memory_array._dict import _lock
 owner = SharedArray.allocate(10, "f8")
 d = SharedDict.create("gc_in_lock_%d" % __import__("os").getpid(), max_items=4, heap_size=4096)
 for registry_lock in (_lifetime._registry_lock, _lock._registry_lock):

@@ -28,7 +28,6 @@ import os
 import pickle
 import select
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _header_tools import shield_in_flight
 
 import shared_memory_array as sma
 from shared_memory_array import _lifetime, _reaper, _registry
@@ -131,7 +131,7 @@ def write_block(scope: set[str]) -> Iterator[WriteBlock]:
         data[: len(content)] = content
         if shield:
             _, lifetime = encoded_identity(content)
-            struct.pack_into("<qqq", data, lifetime, 1, time.time_ns(), 0)
+            shield_in_flight(data, lifetime)
         path = os.path.join(os.fsencode(SHM), raw_name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         written.append(path)
@@ -207,6 +207,9 @@ class Child:
         if "name" in reply:
             self.made.add(reply["name"])
             self.scope.add(reply["name"])
+            if command.startswith("create dict"):  # its data block (see _dict._layout)
+                self.made.add(reply["name"] + "~0")
+                self.scope.add(reply["name"] + "~0")
         return reply
 
     def kill(self) -> None:
@@ -438,6 +441,8 @@ def test_orphans_of_a_sigkilled_creator_are_cleaned(
         creator.ask("create codec")["name"],
         creator.ask(f"create dict {PREFIX}orphan_{new_name()[len(PREFIX) :]}")["name"],
     ]
+    names.append(names[-1] + "~0")  # the dict's data block (see _dict._layout)
+
     survivor = make_block(BlockKind.ARRAY)
     creator.kill()
     _present_or_skip(*names)

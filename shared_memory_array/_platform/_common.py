@@ -327,6 +327,10 @@ class Backend:
         """
         raise NotImplementedError
 
+    def fresh_locks(self, fd: int, system_name: str) -> BlockLocks:
+        """Locks of a new open description of the block open on ``fd`` (a dict's own lock)."""
+        raise NotImplementedError(f"the {self.name} backend cannot lock a dict")
+
     # -- processes -----------------------------------------------------------------------
 
     def start_time(self, pid: int) -> int:
@@ -391,11 +395,32 @@ class Backend:
         """Wake every process sleeping on the u32 at ``address``."""
 
     def futex_add(self, address: int, delta: int) -> bool:
-        """Atomically add ``delta`` (< 2048) to the u32 at ``address`` and wake its sleepers.
+        """Atomically add ``delta`` (-2048 to 2047) to the u32 at ``address``; wake its sleepers.
 
         ``False`` where there is no such atomic operation (the caller locks).
         """
         return False
+
+    # -- robust process-shared mutexes (where :attr:`robust_mutex`) -----------------------
+
+    MUTEX_BYTES: ClassVar[int] = 64
+    """Bytes a mutex may take in shared memory (glibc's ``pthread_mutex_t``: 40 or 48)."""
+
+    def mutex_init(self, address: int) -> None:
+        """Make a robust, process-shared mutex at ``address`` (a shared mapping)."""
+        raise NotImplementedError(f"the {self.name} backend has no robust mutex")
+
+    def mutex_lock(self, address: int) -> bool:
+        """Lock; ``True`` if the previous holder died holding it (the caller repairs)."""
+        raise NotImplementedError
+
+    def mutex_consistent(self, address: int) -> None:
+        """After a repair: the mutex a dead holder left is consistent again."""
+        raise NotImplementedError
+
+    def mutex_unlock(self, address: int) -> None:
+        """Unlock."""
+        raise NotImplementedError
 
     # -- limits --------------------------------------------------------------------------
 

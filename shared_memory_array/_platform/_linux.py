@@ -109,6 +109,40 @@ def _load_madvise() -> Callable[[int, int, int], int] | None:
 _madvise = _load_madvise()
 
 
+class _Pthread:
+    """glibc's robust process-shared mutexes, through ``ctypes`` (the GIL is released)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pointer = [ctypes.c_void_p]
+        self.attr_init = libc.pthread_mutexattr_init
+        self.attr_setpshared = libc.pthread_mutexattr_setpshared
+        self.attr_setrobust = libc.pthread_mutexattr_setrobust
+        self.attr_destroy = libc.pthread_mutexattr_destroy
+        self.init = libc.pthread_mutex_init
+        self.lock = libc.pthread_mutex_lock
+        self.unlock = libc.pthread_mutex_unlock
+        self.consistent = libc.pthread_mutex_consistent
+        for function in (self.attr_init, self.attr_destroy, self.lock, self.unlock):
+            function.argtypes = pointer
+        self.consistent.argtypes = pointer
+        self.attr_setpshared.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.attr_setrobust.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        self.init.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+
+
+def _load_pthread() -> _Pthread | None:
+    try:
+        return _Pthread()
+    except (OSError, AttributeError):  # pragma: no cover - a libc without robust mutexes
+        return None
+
+
+_pthread = _load_pthread()
+_PTHREAD_PROCESS_SHARED: Final = 1
+_PTHREAD_MUTEX_ROBUST: Final = 1
+
+
 class _OFDLocks:
     """The three lifetime roles as OFD locks on bytes 0-2 of one description's file."""
 
@@ -174,7 +208,7 @@ class LinuxBackend(Backend):
     reserves_pages: ClassVar[bool] = True
     positional_io: ClassVar[bool] = True
     has_futex: ClassVar[bool] = _syscall is not None
-    robust_mutex: ClassVar[bool] = True
+    robust_mutex: ClassVar[bool] = _pthread is not None
     max_name_bytes: ClassVar[int] = 250  # NAME_MAX (255) of tmpfs, less a margin
 
     def __init__(self) -> None:
@@ -311,6 +345,11 @@ class LinuxBackend(Backend):
     def locks(self, fd: int, system_name: str, *, writable: bool, created: bool) -> BlockLocks:
         return _OFDLocks(fd, self._path(system_name), writable=writable)
 
+    def fresh_locks(self, fd: int, system_name: str) -> BlockLocks:
+        """OFD locks of a new description of the very file (``/proc/self/fd``)."""
+        new = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        return _OFDLocks(new, self._path(system_name), writable=True)
+
     # -- processes -----------------------------------------------------------------------
 
     def process_state(self, pid: int) -> tuple[bytes, int] | None:
@@ -419,14 +458,51 @@ class LinuxBackend(Backend):
             _syscall(number, ctypes.c_void_p(address), _FUTEX_WAKE, _INT_MAX, None, None, 0)
 
     def futex_add(self, address: int, delta: int) -> bool:
-        """``FUTEX_WAKE_OP`` on one word: the kernel adds ``delta`` atomically and wakes."""
-        if _syscall is None or not 0 <= delta < 2048:
+        """``FUTEX_WAKE_OP`` on one word: the kernel adds ``delta`` atomically and wakes.
+
+        The kernel takes ``delta`` as a 12-bit signed number (-2048 to 2047).
+        """
+        if _syscall is None or not -2048 <= delta < 2048:
             return False
         number = _SYS_FUTEX[platform.machine().lower()]
-        operation = (_FUTEX_OP_ADD << 28) | (delta << 12)  # compare: oldval == 0 (unused)
+        operation = (_FUTEX_OP_ADD << 28) | ((delta & 0xFFF) << 12)  # compare: unused
         pointer = ctypes.c_void_p(address)
         result = _syscall(number, pointer, _FUTEX_WAKE_OP, _INT_MAX, None, pointer, operation)
         return bool(result >= 0)
+
+    # -- robust mutexes ------------------------------------------------------------------
+
+    def mutex_init(self, address: int) -> None:
+        assert _pthread is not None
+        attr = ctypes.create_string_buffer(64)  # pthread_mutexattr_t is 4 bytes on glibc
+        _pthread.attr_init(attr)
+        try:
+            _pthread.attr_setpshared(attr, _PTHREAD_PROCESS_SHARED)
+            _pthread.attr_setrobust(attr, _PTHREAD_MUTEX_ROBUST)
+            error = _pthread.init(ctypes.c_void_p(address), attr)
+        finally:
+            _pthread.attr_destroy(attr)
+        if error:
+            raise OSError(error, os.strerror(error))
+
+    def mutex_lock(self, address: int) -> bool:
+        assert _pthread is not None
+        error = _pthread.lock(ctypes.c_void_p(address))
+        if error == errno.EOWNERDEAD:
+            return True
+        if error:
+            raise OSError(error, f"cannot lock the dict's mutex: {os.strerror(error)}")
+        return False
+
+    def mutex_consistent(self, address: int) -> None:
+        assert _pthread is not None
+        _pthread.consistent(ctypes.c_void_p(address))
+
+    def mutex_unlock(self, address: int) -> None:
+        assert _pthread is not None
+        error = _pthread.unlock(ctypes.c_void_p(address))
+        if error:
+            raise OSError(error, f"cannot unlock the dict's mutex: {os.strerror(error)}")
 
     # -- limits --------------------------------------------------------------------------
 

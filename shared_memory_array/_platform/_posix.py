@@ -420,6 +420,10 @@ class PortableBackend(Backend):
         locks.remember_hold_file()
         return locks
 
+    def fresh_locks(self, fd: int, system_name: str) -> BlockLocks:
+        """Lock files opened afresh (a description of this process's own for each role)."""
+        return _FileLocks(self, system_name, writable=True)
+
     # -- processes and time --------------------------------------------------------------
 
     def shared_clock_ns(self) -> int:

@@ -1,11 +1,11 @@
-"""Crash safety of a ``SharedDict`` block: the mutation marker, the update journal, repair.
+"""Crash safety of a dict's data block: the mutation marker, the update journal, repair.
 
 Every rule below is followed with the dict's lock held (``_lock``); the kernel
 drops that lock when its holder dies, so the next process to take it may find
 a mutation cut short, by SIGKILL or by an exception, at any instruction.
 
-The words (in the control area, see ``_table``)
------------------------------------------------
+The words (in the control area, see ``_layout``)
+------------------------------------------------
 ``holder pid``, ``holder start``
     The mutation marker: non-zero while a mutation is in progress.
 ``version``
@@ -13,6 +13,10 @@ The words (in the control area, see ``_table``)
     do not lock compare it before and after (seqlock-style).
 ``journal``
     0, or the heap offset of the journal of the ``update`` in progress.
+``superseded``
+    Set when a growth step moved the dict to a newer data block: a block
+    superseded keeps its marker set for ever, so a reader that does not lock
+    goes to the locked path, which follows the dict to the new block.
 ``repairs``
     How many repairs have completed.
 
@@ -66,21 +70,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._process import current_identity
-from ._table import (
-    COUNT,
-    HOLDER_PID,
-    HOLDER_START,
-    JOURNAL,
-    OFFSET_MASK,
-    REPAIRS,
-    TOMBSTONE,
-    TOMBSTONES,
-    VERSION,
-    Table,
-)
+from .._process import current_identity
+from ._layout import OFFSET_MASK, TOMBSTONE
+from ._table import Table
 
-__all__ = ["Journal", "restore_slot"]
+__all__ = ["Journal", "UpdateJournal", "restore_slot"]
 
 
 def restore_slot(table: memoryview, index: int, word: int) -> None:
@@ -92,26 +86,26 @@ def restore_slot(table: memoryview, index: int, word: int) -> None:
 
 
 class Journal:
-    """The crash protocol (see the module docstring) over one dict block's :class:`Table`."""
+    """The crash protocol (see the module docstring) over one data block's :class:`Table`."""
 
     __slots__ = ("_ctl", "_heap", "_table", "_words", "on_repair")
 
     def __init__(self, table: Table, on_repair: Callable[[], None]) -> None:
         self._table = table
         self._ctl = table.ctl
-        self._words = table.words
+        self._words = table.hwords
         self._heap = table.heap
         self.on_repair = on_repair  # called after every repair (drops the caller's cache)
 
     @property
     def pending(self) -> bool:
         """Whether a mutation is recorded as in progress (a repair is due unless it is ours)."""
-        return bool(self._ctl[HOLDER_PID])
+        return bool(self._ctl.holder_pid)
 
     @property
     def armed(self) -> int:
         """The heap offset of the armed update journal, 0 when none."""
-        return int(self._ctl[JOURNAL])
+        return self._ctl.journal
 
     # -- a mutation -------------------------------------------------------------------------
 
@@ -119,18 +113,18 @@ class Journal:
         """Record a mutation in progress (step 1); return the new version."""
         ctl = self._ctl
         pid, start = current_identity()
-        ctl[HOLDER_START] = start
-        ctl[HOLDER_PID] = pid
-        version = ctl[VERSION] + 1
-        ctl[VERSION] = version
+        ctl.holder_start = start
+        ctl.holder_pid = pid
+        version = ctl.version + 1
+        ctl.version = version
         return version
 
     def end(self) -> None:
         """The mutation is complete (step 3)."""
-        self._ctl[HOLDER_PID] = 0
+        self._ctl.holder_pid = 0
 
-    def arm(self, capacity: int) -> int:
-        """Allocate and arm an update journal for ``capacity`` records; return its offset.
+    def arm(self, capacity: int) -> UpdateJournal:
+        """Allocate and arm an update journal for ``capacity`` records; return it.
 
         Raises
         ------
@@ -141,22 +135,13 @@ class Journal:
         at = journal >> 3
         self._words[at] = 0
         self._words[at + 1] = capacity
-        self._ctl[JOURNAL] = journal  # from here a crash rolls the whole update back
-        return journal
-
-    def record(self, index: int, old_word: int) -> None:
-        """Append ``(index, old_word)`` to the armed journal, before slot ``index`` changes."""
-        words = self._words
-        at = self._ctl[JOURNAL] >> 3
-        records = words[at]
-        words[at + 2 + 2 * records] = index
-        words[at + 3 + 2 * records] = old_word
-        words[at] = records + 1  # the record counts only once complete
+        self._ctl.journal = journal  # from here a crash rolls the whole update back
+        return UpdateJournal(self._words, journal)
 
     def commit(self) -> None:
         """The update's commit point: disarm the journal (one store), then free it."""
-        journal = self._ctl[JOURNAL]
-        self._ctl[JOURNAL] = 0
+        journal = self._ctl.journal
+        self._ctl.journal = 0
         self._heap.free(journal)
 
     def abandon(self, done: list[tuple[int, int]], saved: tuple[int, int]) -> None:
@@ -171,27 +156,30 @@ class Journal:
             entry = table[index] & OFFSET_MASK
             table[index] = replaced
             heap.free(entry)
-        self._ctl[COUNT], self._ctl[TOMBSTONES] = saved
-        if self._ctl[JOURNAL]:
+        self._ctl.count, self._ctl.tombstones = saved
+        if self._ctl.journal:
             self.commit()
 
     # -- repair ---------------------------------------------------------------------------
 
     def _valid_journal(self) -> tuple[int, int]:
         """Return ``(offset, records)`` of the armed journal, ``(0, 0)`` if none or not ours."""
-        table, words = self._table, self._words
-        journal = self._ctl[JOURNAL]
-        if not table.heap_start < journal < table.heap_end or journal % 16:
+        words = self._words
+        journal = self._ctl.journal
+        limit = self._heap.limit
+        if not 0 < journal < limit or journal % 16:
             return 0, 0  # not a journal this code wrote: nothing trustworthy to undo
         at = journal >> 3
         records, capacity = words[at], words[at + 1]
-        if records > capacity or journal + 16 + 16 * capacity > table.heap_end:
+        if records > capacity or journal + 16 + 16 * capacity > limit:
             return 0, 0
         return journal, records
 
     def repair(self) -> None:
         """Finish or undo the cut-short mutation (steps 1-6 of the module docstring)."""
         ctl, words, table = self._ctl, self._words, self._table
+        self._heap.refresh()
+        limit = self._heap.limit
         slots = table.active()
         journal, records = self._valid_journal()
         for record in reversed(range(records)):  # step 1
@@ -206,7 +194,7 @@ class Journal:
                 tombstones += 1
             elif word:
                 entry = word & OFFSET_MASK
-                if entry in live or not table.heap_start < entry < table.heap_end:
+                if entry in live or not 0 < entry < limit:
                     slots[index] = TOMBSTONE
                     tombstones += 1
                 else:
@@ -225,13 +213,30 @@ class Journal:
                 tombstones += 1
                 del live[entry]
                 self._heap.free(entry)
-        ctl[COUNT] = len(live)  # step 4
-        ctl[TOMBSTONES] = tombstones
-        if ctl[JOURNAL]:  # step 5
-            ctl[JOURNAL] = 0
+        ctl.count = len(live)  # step 4
+        ctl.tombstones = tombstones
+        if ctl.journal:  # step 5
+            ctl.journal = 0
             if journal_kept:
                 self._heap.free(journal)
-        ctl[REPAIRS] += 1  # step 6
-        ctl[VERSION] += 1
-        ctl[HOLDER_PID] = 0
+        ctl.repairs += 1  # step 6
+        ctl.version += 1
+        ctl.holder_pid = 0
         self.on_repair()
+
+
+class UpdateJournal:
+    """The armed journal of one ``update``: records of slots before they change."""
+
+    __slots__ = ("_at", "_words")
+
+    def __init__(self, words: memoryview, offset: int) -> None:
+        self._words, self._at = words, offset >> 3
+
+    def record(self, index: int, old_word: int) -> None:
+        """Append ``(index, old_word)``, before slot ``index`` changes."""
+        words, at = self._words, self._at
+        records = words[at]
+        words[at + 2 + 2 * records] = index
+        words[at + 3 + 2 * records] = old_word
+        words[at] = records + 1  # the record counts only once complete
