@@ -197,6 +197,8 @@ class SharedBlock:
         The name the system knows (the same, unless the platform maps long names).
     size : int
         Size of the block when it was opened (mapped in full by :meth:`map`).
+    stat : os.stat_result
+        ``fstat`` of the block when it was opened (:meth:`open` only).
     readonly : bool
         Whether the mapping is read-only.
     private : bool
@@ -206,6 +208,7 @@ class SharedBlock:
     name: str
     system_name: str
     size: int = 0
+    stat: os.stat_result
     readonly: bool = False
     private: bool = False
     # Class-level defaults so close() works on a half-built instance.
@@ -343,6 +346,7 @@ class SharedBlock:
             backend.close_descriptor(fd)
             raise
         self.size = info.st_size
+        self.stat = info
         try:
             hold = self._hold = _lifetime.Hold(
                 locks, self.system_name, writable=writable, dev=info.st_dev, ino=info.st_ino
@@ -499,7 +503,8 @@ class SharedBlock:
     def refresh_size(self) -> None:
         """Read the block's size again (a block still being created may just have been sized)."""
         if self._view is None:
-            self.size = backend.fstat(self.fileno()).st_size
+            self.stat = backend.fstat(self.fileno())
+            self.size = self.stat.st_size
 
     def read_at(self, size: int, offset: int = 0) -> bytes:
         """Read ``size`` bytes at ``offset`` without touching the mapping (never a SIGBUS)."""

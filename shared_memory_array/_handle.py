@@ -93,10 +93,32 @@ def one_pickle_per_message() -> Iterator[None]:
         _message_tickets.reset(token)
 
 
-def _implicit_end(hold: _lifetime.Hold) -> None:
-    """A handle was garbage collected: its hold stops owning (the block stays while held)."""
-    with contextlib.suppress(Exception):  # a finalizer has no caller to tell
-        hold.drop_owner()
+# Live handles: id(weak reference) -> (the reference, its block's hold). A weak reference
+# with a callback is much cheaper than weakref.finalize, and not run at interpreter exit
+# (where the exit hook lets go of every hold at once: see _reaper).
+_handle_refs: dict[int, tuple[weakref.ref[Any], _lifetime.Hold]] = {}
+
+
+def _watch(handle: BlockHandle, hold: _lifetime.Hold) -> weakref.ref[Any]:
+    ref = weakref.ref(handle, _implicit_end)
+    _handle_refs[id(ref)] = (ref, hold)
+    return ref
+
+
+def _implicit_end(
+    ref: weakref.ref[Any], refs: dict[int, tuple[weakref.ref[Any], _lifetime.Hold]] = _handle_refs
+) -> None:
+    """A handle was garbage collected: its hold stops owning (the block stays while held).
+
+    Bound to its arguments (no module global): at interpreter exit, when it may
+    still run, the module's globals may already be gone.
+    """
+    try:
+        entry = refs.pop(id(ref), None)
+        if entry is not None:
+            entry[1].drop_owner()
+    except Exception:
+        pass
 
 
 class BlockHandle:
@@ -118,7 +140,7 @@ class BlockHandle:
     _heir: bool = False
     _closed: bool = False
     _unreachable: SharedArrayError | None = None
-    _finalizer: weakref.finalize[Any, Any] | None = None
+    _watched: weakref.ref[Any] | None = None
     _name: str = ""
 
     def __init__(self) -> None:
@@ -144,7 +166,7 @@ class BlockHandle:
         self = object.__new__(cls)
         self._block = block
         self._name = block.name
-        self._finalizer = weakref.finalize(self, _implicit_end, block.hold)
+        self._watched = _watch(self, block.hold)
         return self
 
     @contextlib.contextmanager
@@ -204,13 +226,7 @@ class BlockHandle:
                     "for (the name was reused by another block)",
                 )
             cls._check_header(block, header)
-            end = min(block.size, cls._payload_end(header, block.read_at))
-            hole = block.first_hole(0, end)
-            if hole is not None:
-                raise LayoutError(
-                    f"block {block.name!r} has no page behind byte {hole} of its first {end} "
-                    "bytes: reading it could crash this process (SIGBUS)"
-                )
+            _check_pages(block, min(block.size, cls._payload_end(header, block.read_at)))
             block.map(populate=populate)
         except BaseException:
             block.close()
@@ -220,7 +236,7 @@ class BlockHandle:
         self._name = header.name or block.name
         self._header = header
         self._area = _area_of(block, header)
-        self._finalizer = weakref.finalize(self, _implicit_end, block.hold)
+        self._watched = _watch(self, block.hold)
         return self
 
     @classmethod
@@ -294,8 +310,8 @@ class BlockHandle:
         owner = self.owner
         self._closed = True
         block, self._block = self._block, None
-        if self._finalizer is not None:
-            self._finalizer.detach()
+        if self._watched is not None:
+            _handle_refs.pop(id(self._watched), None)
         if block is None:
             return
         try:
@@ -408,6 +424,43 @@ def _area_of(block: SharedBlock, header: Header) -> _lifetime.Area | _lifetime.L
     view = block.shared_view(offset + header.area_size)
     kind = _lifetime.Area if header.version >= 3 else _lifetime.LegacyArea
     return kind(view, offset, block.hold.locks)
+
+
+# Blocks whose first bytes this process found all there: (dev, ino, ctime, bytes checked).
+_checked: dict[tuple[int, int, int], int] = {}
+_CHECKED_MAX: Final = 1024
+
+
+def _check_pages(block: SharedBlock, end: int) -> None:
+    """Raise LayoutError unless every page of ``block``'s first ``end`` bytes is there.
+
+    A page that is not there reads as zeros through ``read``, but through a
+    mapping of a full filesystem it is a SIGBUS. Reserved pages count in
+    ``st_blocks``; but so do pages reserved past the end of the file
+    (``fallocate(FALLOC_FL_KEEP_SIZE)``), so only a look at the range itself
+    proves it (``SEEK_HOLE``, which walks the file's pages: about 4 ms per GiB
+    here). Done once per block per process: the answer is kept by the file's
+    identity and change time (a process that punches holes into a block others
+    use can crash them, as one that truncates it can: API.md section 6).
+    """
+    if end <= 0 or not backend.reserves_pages:
+        return
+    info = block.stat
+    key = (info.st_dev, info.st_ino, info.st_ctime_ns)
+    if _checked.get(key, -1) >= end:
+        return
+    if info.st_blocks * 512 < min(end, info.st_size):
+        hole: int | None = 0  # fewer pages than bytes: certainly a hole somewhere
+    else:
+        hole = block.first_hole(0, end)
+    if hole is not None:
+        raise LayoutError(
+            f"block {block.name!r} has no page behind byte {hole} of its first {end} "
+            "bytes: reading it could crash this process (SIGBUS)"
+        )
+    if len(_checked) >= _CHECKED_MAX:
+        _checked.clear()
+    _checked[key] = end
 
 
 def _read_header(block: SharedBlock, kind: BlockKind, verify_checksum: bool) -> Header:

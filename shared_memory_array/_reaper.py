@@ -200,7 +200,7 @@ def _judge_open(
     except OSError as exc:
         return Judgement(name, Verdict.KEEP, f"cannot read: {exc.strerror}", "unreadable", in_use)
     if header is None:
-        return _judge_unreadable(name, info, error or "", in_use, raw_creator, now, fd)
+        return _judge_unreadable(name, info, error or "", in_use, raw_creator, now, locks)
     in_flight = _lifetime.InFlight()
     state_word = _lifetime.STATE_LIVE
     if header.lifetime_offset is not None and len(area) >= header.area_size:
@@ -257,7 +257,7 @@ def _judge_unreadable(
     in_use: bool | None,
     raw_creator: tuple[int, int] | None,
     now: float,
-    judging_fd: int,
+    locks: BlockLocks,
 ) -> Judgement:
     def keep(reason: str) -> Judgement:
         return Judgement(
@@ -278,7 +278,7 @@ def _judge_unreadable(
     age = now - max(info.st_mtime, info.st_ctime)
     if age < UNREADABLE_GRACE:
         return keep(f"header unreadable, changed {age:.0f} s ago (may be being created)")
-    in_use_elsewhere = backend.inodes_in_use(judging_fd)
+    in_use_elsewhere = backend.inodes_in_use(locks.descriptors())
     if in_use_elsewhere is None or info.st_ino in in_use_elsewhere:
         return keep(f"header unreadable, and a process may have it open or mapped: {error}")
     return Judgement(

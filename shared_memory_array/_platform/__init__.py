@@ -57,7 +57,8 @@ def _choose() -> Backend:
     if requested == "windows" or (not requested and os.name == "nt"):
         from . import _windows
 
-        return _windows.WindowsBackend()
+        windows: Backend = _windows.WindowsBackend()
+        return windows
     if requested in ("", "linux"):
         if not _linux.available():
             raise ImportError(f"{BACKEND_ENV}=linux: this system has no OFD locks (Linux >= 3.15)")

@@ -81,6 +81,7 @@ class BlockLocks(Protocol):
 
     fd: int
 
+    def descriptors(self) -> tuple[int, ...]: ...
     def still_named(self) -> bool: ...
     def try_lock(self, role: int, *, exclusive: bool) -> bool: ...
     def wait_lock(self, role: int, *, exclusive: bool) -> None: ...
@@ -356,7 +357,7 @@ class Backend:
         except (ValueError, OSError, AttributeError):
             return 100
 
-    def inodes_in_use(self, exclude_fd: int = -1) -> set[int] | None:
+    def inodes_in_use(self, exclude: tuple[int, ...] = ()) -> set[int] | None:
         """Inodes of blocks any visible process maps or has open, ``None`` where unknown."""
         return None
 

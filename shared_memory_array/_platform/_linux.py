@@ -39,7 +39,7 @@ from typing import ClassVar, Final
 
 from ..errors import BlockExistsError, BlockNotFoundError, UntrustedBlockError
 from . import _common
-from ._common import Backend, BlockLocks, Limits, exhausted
+from ._common import HOLD, Backend, BlockLocks, Limits, exhausted
 
 __all__ = ["LinuxBackend", "available"]
 
@@ -144,14 +144,24 @@ _PTHREAD_MUTEX_ROBUST: Final = 1
 
 
 class _OFDLocks:
-    """The three lifetime roles as OFD locks on bytes 0-2 of one description's file."""
+    """The lifetime roles as OFD locks on one byte each of a block's file.
 
-    __slots__ = ("fd", "path", "writable")
+    Two open file descriptions: the block's own (``fd``: ``pread``, ``pwrite``,
+    the mapping, and a *shared* HOLD), which never carries an exclusive lock,
+    and a second one opened when first needed for every exclusive lock (OWNER,
+    COUNTER, an exclusive HOLD, the dict's DICT byte). On Python < 3.13 a
+    mapping keeps a duplicate of the descriptor it was made from, and a forked
+    child inherits it: made from a description that holds no exclusive lock,
+    no child can keep one of ours alive after we die.
+    """
+
+    __slots__ = ("_exclusive_fd", "fd", "path", "writable")
 
     def __init__(self, fd: int, path: str, *, writable: bool) -> None:
         self.fd = fd
         self.path = path
         self.writable = writable
+        self._exclusive_fd = -1
 
     def still_named(self) -> bool:
         try:
@@ -160,13 +170,24 @@ class _OFDLocks:
             return False
         return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
-    def _call(self, command: int, lock_type: int, role: int) -> int:
-        answer = fcntl.fcntl(self.fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, role, 1, 0))
+    def _fd_for(self, role: int, exclusive: bool) -> int:
+        if role == HOLD and not exclusive:
+            return self.fd
+        fd = self._exclusive_fd
+        if fd < 0:
+            flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+            fd = self._exclusive_fd = os.open(f"/proc/self/fd/{self.fd}", flags)
+        return fd
+
+    @staticmethod
+    def _call(fd: int, command: int, lock_type: int, role: int) -> int:
+        answer = fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, role, 1, 0))
         return int(_FLOCK.unpack(answer)[0])
 
     def try_lock(self, role: int, *, exclusive: bool) -> bool:
+        fd = self._fd_for(role, exclusive)
         try:
-            self._call(fcntl.F_OFD_SETLK, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, role)
+            self._call(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, role)
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 return False
@@ -174,16 +195,31 @@ class _OFDLocks:
         return True
 
     def wait_lock(self, role: int, *, exclusive: bool) -> None:
-        self._call(fcntl.F_OFD_SETLKW, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, role)
+        fd = self._fd_for(role, exclusive)
+        self._call(fd, fcntl.F_OFD_SETLKW, fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK, role)
 
     def unlock(self, role: int) -> None:
-        self._call(fcntl.F_OFD_SETLK, fcntl.F_UNLCK, role)
+        if role == HOLD:
+            self._call(self.fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, role)
+        if self._exclusive_fd >= 0:
+            self._call(self._exclusive_fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, role)
 
     def held_by_others(self, role: int) -> bool:
-        return self._call(fcntl.F_OFD_GETLK, fcntl.F_WRLCK, role) != fcntl.F_UNLCK
+        return self._call(self.fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, role) != fcntl.F_UNLCK
+
+    def descriptors(self) -> tuple[int, ...]:
+        """Every descriptor these locks keep open."""
+        return tuple(fd for fd in (self.fd, self._exclusive_fd) if fd >= 0)
 
     def reopen_in_child(self) -> bool:
-        """A description of the child's own (the very file, through ``/proc/self/fd``)."""
+        """Descriptions of the child's own (the very file, through ``/proc/self/fd``).
+
+        The parent's exclusive locks do not fork: the inherited exclusive
+        descriptor is closed (the parent's own keeps the locks).
+        """
+        exclusive, self._exclusive_fd = self._exclusive_fd, -1
+        if exclusive >= 0:
+            os.close(exclusive)
         flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
         try:
             fd = os.open(f"/proc/self/fd/{self.fd}", flags)
@@ -195,8 +231,10 @@ class _OFDLocks:
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
+        exclusive, self._exclusive_fd = self._exclusive_fd, -1
+        for descriptor in (fd, exclusive):
+            if descriptor >= 0:
+                os.close(descriptor)
 
 
 class LinuxBackend(Backend):
@@ -232,7 +270,7 @@ class LinuxBackend(Backend):
         self._huge_advice = _wants_huge_page_advice(directory)
 
     def _path(self, system_name: str) -> str:
-        return os.path.join(self._directory, system_name)
+        return f"{self._directory}/{system_name}"
 
     def open_block(self, system_name: str, *, create: bool, writable: bool) -> int:
         flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -306,17 +344,10 @@ class LinuxBackend(Backend):
             flags |= mmap.MAP_POPULATE
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
         if sys.version_info >= (3, 13):
-            # No duplicate descriptor at all: the caller's keeps the locks.
             return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)
-        # mmap keeps a dup of the descriptor it is given for the mapping's life, and a
-        # forked child inherits it: give it a description of its own, which never holds
-        # a lock, so no child can keep one of ours alive.
-        access = os.O_RDONLY if readonly or private else os.O_RDWR
-        spare = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            return mmap.mmap(spare, size, flags=flags, prot=prot)
-        finally:
-            os.close(spare)
+        # mmap keeps a dup of ``fd``: its description never holds an exclusive lock
+        # (_OFDLocks), so a forked child that inherits the dup keeps none of ours.
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
 
     can_populate: ClassVar[bool] = _madvise is not None
 
@@ -386,8 +417,9 @@ class LinuxBackend(Backend):
             return None
         return None
 
-    def inodes_in_use(self, exclude_fd: int = -1) -> set[int] | None:
+    def inodes_in_use(self, exclude: tuple[int, ...] = ()) -> set[int] | None:
         own_pid = str(os.getpid())
+        excluded = {str(fd) for fd in exclude}
         inodes: set[int] = set()
         prefix = self._directory.rstrip("/") + "/"
         try:
@@ -399,7 +431,7 @@ class LinuxBackend(Backend):
                 inodes.add(inode)
             with contextlib.suppress(OSError):
                 for fd in os.listdir(f"/proc/{pid}/fd"):
-                    if pid == own_pid and fd == str(exclude_fd):
+                    if pid == own_pid and fd in excluded:
                         continue
                     with contextlib.suppress(OSError):
                         if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):

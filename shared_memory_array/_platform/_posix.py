@@ -166,6 +166,9 @@ class _FileLocks:
             self._fds[role] = new
         return ok
 
+    def descriptors(self) -> tuple[int, ...]:
+        return tuple(fd for fd in (self.fd, *self._fds.values()) if fd >= 0)
+
     def still_named(self) -> bool:
         try:
             info = os.lstat(self._backend.lock_path(HOLD, self.system_name))

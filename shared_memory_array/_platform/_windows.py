@@ -64,6 +64,9 @@ class _NoLocks:
         self._backend = backend
         self.fd = fd
 
+    def descriptors(self) -> tuple[int, ...]:
+        return ()
+
     def still_named(self) -> bool:
         return True
 
