@@ -65,6 +65,7 @@ from ._header import (
 )
 from ._ndarray_like import ConstructorOrCopy, CopyConstructor, NDArrayLike
 from ._shm_view import SharedMemoryView
+from ._waiting import deadline_of
 from .errors import ClosedError, LayoutError
 
 __all__ = [
@@ -955,6 +956,69 @@ class SharedArray(NDArrayLike[_ScalarT_co], BlockHandle, Generic[_ScalarT_co]):
         is the array (with ``order="F"`` for a Fortran-order one).
         """
         return SharedMemoryView(self)
+
+    # -- wait and notify: a generation kept in the block (not in the data) ----------------
+
+    def notify(self) -> int:
+        """Bump the block's generation and wake every waiter, in any process.
+
+        A producer writes a frame, then calls ``notify()``; consumers blocked in
+        :meth:`wait` return. Where the system has futexes (Linux) the bump and
+        the wake are one atomic kernel operation; elsewhere waiters poll with
+        a bounded back-off (at most 10 ms).
+
+        Returns
+        -------
+        int
+            The generation after the bump (32 bits, wrapping).
+        """
+        return self._signal().bump()
+
+    def wait(self, timeout: float | None = None, *, after: int | None = None) -> int:
+        """Block until the generation passes ``after``; return the new generation.
+
+        Parameters
+        ----------
+        timeout
+            Seconds to wait at most (``None``: for ever).
+        after
+            The generation the caller last saw (what :meth:`notify` or a
+            previous ``wait`` returned). ``None`` waits for the next
+            :meth:`notify` after this call; pass the last generation instead
+            to miss none in between (no lost wake-up: the wait compares and
+            sleeps in one step).
+
+        Raises
+        ------
+        TimeoutError
+            ``timeout`` seconds passed with no new generation.
+        ClosedError
+            The handle is closed.
+        """
+        signal = self._signal()
+        expected = signal.load() if after is None else after & 0xFFFFFFFF
+        current = signal.wait(expected, deadline_of(timeout))
+        if current == expected:
+            raise TimeoutError(
+                f"no notify() on SharedArray {self._name!r} within {timeout} s "
+                f"(generation {expected})"
+            )
+        return current
+
+    async def wait_async(self, timeout: float | None = None, *, after: int | None = None) -> int:
+        """:meth:`wait` without blocking the event loop (a short-lived thread sleeps).
+
+        Cancelling the awaiting task ends the wait; the thread goes with it.
+        """
+        signal = self._signal()
+        expected = signal.load() if after is None else after & 0xFFFFFFFF
+        current = await signal.wait_async(expected, deadline_of(timeout))
+        if current == expected:
+            raise TimeoutError(
+                f"no notify() on SharedArray {self._name!r} within {timeout} s "
+                f"(generation {expected})"
+            )
+        return current
 
     def managed(self) -> ManagedSharedMemoryArray[_ScalarT_co]:
         """A context manager yielding this handle and closing it on exit.

@@ -334,7 +334,7 @@ class SharedBlock:
         self.system_name = backend.system_name(bare)
         self.readonly = readonly
         self.private = private
-        writable = not readonly and not private
+        writable = not readonly  # a private mapping still writes the shared lifetime area
         fd = backend.open_block(self.system_name, create=False, writable=writable)
         try:
             info = backend.fstat(fd)

@@ -51,9 +51,10 @@ from typing_extensions import Self
 
 from . import _lifetime, _reaper  # noqa: F401 - the reaper registers with the block layer
 from ._block import SharedBlock
-from ._header import MAGIC, BlockKind, Header, parse_header
+from ._header import FIXED_SIZE, MAGIC, BlockKind, Header, parse_header
 from ._identity import check_same_shm, shm_identity
 from ._platform import backend
+from ._waiting import Signal
 from .errors import (
     BlockBeingCreatedError,
     BlockNotFoundError,
@@ -141,6 +142,7 @@ class BlockHandle:
     _closed: bool = False
     _unreachable: SharedArrayError | None = None
     _watched: weakref.ref[Any] | None = None
+    _notify: Signal | None = None
     _name: str = ""
 
     def __init__(self) -> None:
@@ -322,6 +324,9 @@ class BlockHandle:
                 block.hold.drop_owner()
         finally:
             self._area = None
+            notify, self._notify = self._notify, None
+            if notify is not None:
+                notify.release()
             self._release()
             block.close()
 
@@ -336,6 +341,23 @@ class BlockHandle:
         elif self._name:
             with contextlib.suppress(BlockNotFoundError, OSError):
                 backend.unlink(backend.system_name(self._name))
+
+    def _signal(self) -> Signal:
+        """The block's notify word (its lifetime area, format v3), for notify and wait."""
+        block = self._live_block()
+        signal = self._notify
+        if signal is None:
+            area, header = self._area, self._header
+            if area is None or header is None or area.notify_offset < 0:
+                raise NotImplementedError(
+                    f"{self.KIND_NAME} {self._name!r} has no notify word (a read-only handle, "
+                    "or a block made by an older version of this library)"
+                )
+            view = block.shared_view(header.data_offset)
+            signal = self._notify = Signal(
+                view, area.notify_offset, area.waiters_offset, block.hold.locks
+            )
+        return signal
 
     def _unlink_name(self, block: SharedBlock) -> None:
         """Remove the name (a kind with more to remove, such as a manager's record, adds it)."""
@@ -477,9 +499,10 @@ def _read_header(block: SharedBlock, kind: BlockKind, verify_checksum: bool) -> 
                 verify_checksum=verify_checksum,
                 block_size=block.size,
             )
-        # No header yet (nothing written: zeros, or not even sized): its creator, who owns
-        # it from the first instant, is still at work. Other bytes are a corrupt header.
-        if raw.strip(b"\0")[:1] or not block.hold.owner_elsewhere():
+        # No header yet (its place all zeros, or not even sized): its creator, who owns it
+        # from the first instant and writes the header last, is still at work. Other bytes
+        # there are a corrupt header.
+        if any(raw[:FIXED_SIZE]) or not block.hold.owner_elsewhere():
             return parse_header(raw, expected_kind=kind, name=block.name, block_size=block.size)
         if time.monotonic() > deadline:
             raise BlockBeingCreatedError(

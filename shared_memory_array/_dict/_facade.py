@@ -54,7 +54,7 @@ from .._handle import BlockHandle
 from .._header import BlockKind, align, encode_header
 from .._heap import heap_overhead
 from .._platform import backend
-from .._waiting import Signal, deadline_of
+from .._waiting import deadline_of
 from ..errors import (
     AllocationError,
     BlockBeingCreatedError,
@@ -259,7 +259,6 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
     _table: Table
     _journal: Journal
     _ctl: memoryview  # the data block's control words (the cache-hit path reads VERSION)
-    _signal: Signal | None = None
     _cache: dict[object, object]
     _cache_version: int = -1
     _clean_failure: bool = False
@@ -447,10 +446,8 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         self._cache_version = -1
         self._locked = SharedDictLock(self)
         self._mutation = _Mutation(self)
-        area = self._area
-        if area is not None and area.notify_offset >= 0:
-            view = block.shared_view(header.data_offset)
-            self._signal = Signal(view, area.notify_offset, area.waiters_offset, block.hold.locks)
+        if self._area is not None and self._area.notify_offset >= 0:
+            self._signal()  # made now: every change looks at its waiters count (_end)
         self._use_data(data)
         lock = DictLock.for_dict(header.block_id)
         if lock is None:
@@ -512,8 +509,10 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
     def _unlink_name(self, block: Any) -> None:
         """An explicit end: the entry's name and the current data's name go now."""
         entry = getattr(self, "_entry", None)
-        if entry is not None:  # the current generation, whichever handle last grew it
-            backend.unlink(backend.system_name(data_name(self.block_name, entry.generation)))
+        if entry is not None:  # the current generation, whichever handle last grew it,
+            generation = entry.generation  # and the next, left by a mover killed in its step
+            for number in (generation, generation + 1):
+                backend.unlink(backend.system_name(data_name(self.block_name, number)))
         block.unlink()
 
     def _release(self) -> None:
@@ -529,8 +528,6 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         self._cache_version = -1
         self._table.release()
         self._entry.release()
-        if self._signal is not None:
-            self._signal.release()
         self._data.close()
         release_lock()
 
@@ -587,7 +584,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
     def _end(self) -> None:
         """The mutation is complete; wake whoever waits for a change."""
         self._journal.end()
-        signal = self._signal
+        signal = self._notify
         if signal is not None and signal.waiters():
             signal.bump(serialised=True)
 
@@ -1031,7 +1028,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         polls with a bounded back-off, at most 10 ms).
         """
         deadline = deadline_of(timeout)
-        signal = self._live_signal()
+        signal = self._signal()
         with self._locked:
             signal.add_waiter(1, serialised=True)
         try:
@@ -1055,7 +1052,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         of its own sleeps (see :mod:`~shared_memory_array._waiting`).
         """
         deadline = deadline_of(timeout)
-        signal = self._live_signal()
+        signal = self._signal()
         with self._locked:
             signal.add_waiter(1, serialised=True)
         try:
@@ -1069,15 +1066,6 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         finally:
             with self._locked:
                 signal.add_waiter(-1, serialised=True)
-
-    def _live_signal(self) -> Signal:
-        self._live_block()
-        signal = self._signal
-        if signal is None:
-            raise NotImplementedError(
-                f"SharedDict {self._dict_name!r} was made by an older version without a notify word"
-            )
-        return signal
 
     # -- inspection ----------------------------------------------------------------------
 

@@ -29,11 +29,17 @@ dataclass     D     the class as for E, then the T encoding of the fields that
 ============  ====  ============================================================
 
 Subclasses of int, float, complex, str, bytes, tuple (named tuples) and
-frozenset encode as their base type, as they compare in a dict: an ``IntEnum``
-member is its int. A numpy scalar encodes as the Python scalar its ``item()``
+frozenset encode as their base type's value, as they compare in a dict: an
+``IntEnum`` member is its int, and a ``class Color(str, Enum)`` member is its
+string (never its ``__str__``, which an Enum changes). The value is read through
+the base type itself, so a subclass's own ``__str__``, ``__int__`` or
+``__iter__`` cannot change a key. A numpy scalar encodes as the Python scalar its ``item()``
 gives (``np.int64(1)`` is ``1``; ``np.float32(0.1)`` is the double it holds).
 Every other key raises ``TypeError`` naming its type: a key compared by its
 pickle would not be portable (a frozenset's pickle depends on the hash seed).
+So does an Enum member or a dataclass whose class cannot be found again by
+its module and qualified name (one defined inside a function): every process
+must be able to turn the stored key back into that class's object.
 
 :func:`encode_key` also says whether :func:`decode_key` gives back an object of
 the very same types (``exact``); when not (a bool, an integral float, a
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import importlib
 import math
 import struct
@@ -100,6 +107,34 @@ def _class_path(kind: type) -> bytes:
     return b"".join(_LENGTH.pack(len(part)) + part for part in parts)
 
 
+_COMPLEX_REAL: Final[Any] = complex.real
+_COMPLEX_IMAG: Final[Any] = complex.imag
+
+
+@functools.lru_cache(maxsize=512)
+def _findable(kind: type) -> bool:
+    """Whether ``kind`` is found again by importing its module and walking its qualified name."""
+    if "<locals>" in kind.__qualname__:
+        return False
+    module = "__main__" if kind.__module__ == "__mp_main__" else kind.__module__
+    try:
+        found: Any = importlib.import_module(module)
+        for part in kind.__qualname__.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return found is kind
+
+
+def _check_findable(kind: type) -> None:
+    if not _findable(kind):
+        raise TypeError(
+            f"SharedDict keys of class {_type_name(kind)} cannot be stored: the class cannot be "
+            f"found again by its module and qualified name (is it defined inside a "
+            f"function?), so no process could read the key back"
+        )
+
+
 def _is_value_dataclass(key: object) -> bool:
     """Whether ``key`` is a frozen dataclass instance compared by its fields."""
     params = getattr(type(key), "__dataclass_params__", None)
@@ -127,25 +162,24 @@ def _encode(key: object, depth: int) -> tuple[bytes, bool]:
         return b"N", True
     if depth > _MAX_DEPTH:
         raise ValueError(f"key nests deeper than {_MAX_DEPTH} levels")
-    if isinstance(key, bool):
-        return _encode_int(int(key)), False
-    if isinstance(key, int):
-        return _encode_int(int(key)), False
+    # Subclasses: the base type's own value, never what the subclass makes of it.
+    if isinstance(key, int):  # bool, IntEnum, IntFlag, any int subclass
+        return _encode_int(int.__index__(key)), False
     if isinstance(key, float):
-        return _encode_float(float(key), kind is float)
+        return _encode_float(float.__float__(key), kind is float)
     if isinstance(key, complex):
-        number = complex(key)
-        if number.imag == 0:
-            return _encode_float(number.real, False)
-        return b"C" + _part(number.real) + _part(number.imag), kind is complex
-    if isinstance(key, str):
-        return b"S" + str(key).encode("utf-8", "surrogatepass"), False
+        real, imag = _COMPLEX_REAL.__get__(key), _COMPLEX_IMAG.__get__(key)
+        if imag == 0:
+            return _encode_float(real, False)
+        return b"C" + _part(real) + _part(imag), kind is complex
+    if isinstance(key, str):  # a str subclass, a (str, Enum) member
+        return b"S" + str.__str__(key).encode("utf-8", "surrogatepass"), False
     if isinstance(key, bytes):
-        return b"B" + bytes(key), False
+        return b"B" + bytes(memoryview(key)), False
     if isinstance(key, tuple):
         parts = [b"T"]
         exact = kind is tuple
-        for item in key:
+        for item in tuple.__iter__(key):
             encoded, item_exact = _encode(item, depth + 1)
             parts.append(_LENGTH.pack(len(encoded)))
             parts.append(encoded)
@@ -154,13 +188,14 @@ def _encode(key: object, depth: int) -> tuple[bytes, bool]:
     if isinstance(key, frozenset):
         encodings = []
         exact = kind is frozenset
-        for item in key:
+        for item in frozenset.__iter__(key):
             encoded, item_exact = _encode(item, depth + 1)
             encodings.append(encoded)
             exact = exact and item_exact
         encodings.sort()
         return b"Z" + b"".join(_LENGTH.pack(len(e)) + e for e in encodings), exact
     if isinstance(key, enum.Enum):
+        _check_findable(kind)
         if isinstance(key, enum.Flag):
             member = b"#" + _encode_int(int(key.value))
         else:
@@ -171,6 +206,7 @@ def _encode(key: object, depth: int) -> tuple[bytes, bool]:
         if type(item) in _PYTHON_SCALARS:
             return _encode(item, depth + 1)[0], False
     elif _is_value_dataclass(key):
+        _check_findable(kind)
         fields = tuple(getattr(key, f.name) for f in dataclasses.fields(key) if f.compare)  # type: ignore[arg-type]
         return b"D" + _class_path(kind) + _encode(fields, depth + 1)[0], False
     raise _unsupported(key)

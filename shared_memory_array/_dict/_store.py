@@ -222,13 +222,18 @@ def _keep_while_current(facts: _reaper.BlockFacts) -> str | None:
 
 
 def _data_of(facts: _reaper.BlockFacts) -> list[str]:
-    """The data blocks that go with a dict's entry block: its current generation's."""
+    """The data blocks that go with a dict's entry block.
+
+    Its current generation's, and the next one's, which a mover killed before
+    its commit may have left.
+    """
     word = facts.read(8, facts.header.data_offset)
     if len(word) != 8:
         return []
     generation = int.from_bytes(word, "little")
     entry_name = facts.header.name or facts.name
-    return [backend.system_name(data_name(entry_name, generation))]
+    names = [data_name(entry_name, number) for number in (generation, generation + 1)]
+    return [backend.system_name(name) for name in names if backend.exists(backend.system_name(name))]
 
 
 _reaper.KIND_POLICIES[BlockKind.DICT_DATA] = _keep_while_current

@@ -1,0 +1,190 @@
+"""A SharedDict grows online: its table and heap, followed by every holder, through crashes.
+
+Issue 19 item 4: ``grow=True`` by default; memory reserved as it is needed; every
+atomicity and crash guarantee kept through a growth step (SIGKILL at chosen
+points: the dict is as it was before or after it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from _children_v3 import grow_forever, insert_until_growth_then_die
+
+from shared_memory_array import AllocationError, SharedDict, list_blocks
+
+pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
+
+TIMEOUT = 60
+spawn = multiprocessing.get_context("spawn")
+_counter = iter(range(1 << 30))
+
+
+def unique() -> str:
+    return f"grow_{os.getpid()}_{next(_counter)}"
+
+
+@pytest.fixture
+def small() -> Iterator[SharedDict]:
+    """A dict that must grow soon: 8 keys, a 4 KiB heap."""
+    with SharedDict.create(unique(), max_items=8, heap_size=4096) as d:
+        yield d
+
+
+def test_the_table_and_the_heap_grow_and_keep_every_item(small: SharedDict) -> None:
+    """Thousands of keys and large values go into a dict made for 8 keys in 4 KiB."""
+    expected = {f"k{i}": ("v" * (i % 700), i) for i in range(3000)}
+    for key, value in expected.items():
+        small[key] = value
+    assert dict(small.items()) == expected
+    stats = small.stats()
+    assert stats["generation"] > 0
+    assert stats["max_items"] >= 3000
+    small._check()
+
+
+def test_every_holder_follows_a_growth_without_re_attaching(small: SharedDict) -> None:
+    """A second handle, made before the growth, sees every key written after it."""
+    other = SharedDict.attach(small.name)
+    try:
+        before = other.stats()["generation"]
+        small.update({f"k{i}": i for i in range(500)})
+        assert other["k499"] == 499
+        assert len(other) == 500
+        assert other.stats()["generation"] > before
+        other["from_other"] = "x"  # and writes through it land in the grown dict
+        assert small["from_other"] == "x"
+    finally:
+        other.close()
+
+
+def test_only_the_current_generation_stays_on_the_system(small: SharedDict) -> None:
+    """After growth steps, one data block of the dict exists: the old ones are gone."""
+    small.update({f"k{i}": i for i in range(200)})
+    names = [info.name for info in list_blocks() if info.name.startswith(small.block_name)]
+    generation = small.stats()["generation"]
+    assert sorted(names) == sorted([small.block_name, f"{small.block_name}~{generation}"])
+
+
+def test_grow_false_keeps_the_fixed_capacity() -> None:
+    """With grow=False a full table or heap raises AllocationError and nothing changes."""
+    with SharedDict.create(unique(), max_items=8, heap_size=4096, grow=False) as fixed:
+        for i in range(8):
+            fixed[i] = i
+        with pytest.raises(AllocationError, match="grow=True"):
+            fixed[8] = 8
+        with pytest.raises(AllocationError, match="heap"):
+            fixed[0] = "x" * 10_000
+        assert dict(fixed.items()) == {i: i for i in range(8)}
+        assert fixed.stats()["generation"] == 0
+
+
+def test_memory_is_reserved_as_it_is_needed() -> None:
+    """The default dict reserves its heap as entries arrive, never 100 MiB up front."""
+    with SharedDict.create(unique()) as shared:
+        stats = shared.stats()
+        assert stats["heap_limit"] <= 1 << 20
+        shared.update({f"k{i}": "v" * 100 for i in range(2000)})
+        assert shared.stats()["heap_limit"] > stats["heap_limit"]
+        assert shared.stats()["generation"] == 0  # the limit rose inside the same block
+
+
+_FILL_A_SMALL_SHM = r"""
+import sys
+from shared_memory_array import SharedDict
+d = SharedDict.create("docker_default")
+for i in range(20_000):
+    d[f"key{i}"] = "value" * 10
+assert len(d) == 20_000
+print("ok", d.stats()["heap_limit"], d.stats()["generation"], flush=True)
+d.close()
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare -m to mount a private 64 MiB /dev/shm",
+)
+def test_the_default_dict_works_in_a_64_mib_dev_shm() -> None:
+    """SharedDict.create(name) in Docker's default 64 MiB /dev/shm, with 20,000 items."""
+    script = 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$0" -c "$1"'
+    done = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            sys.executable,
+            _FILL_A_SMALL_SHM,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    if done.returncode != 0 and "mount" in done.stderr and "ok" not in done.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("where", ["created", "copied", "committed"])
+def test_a_process_killed_inside_a_growth_leaves_the_dict_before_or_after(where: str) -> None:
+    """SIGKILL at a chosen point of a growth step: the dict is whole, as before or after it."""
+    with SharedDict.create(unique(), max_items=8, heap_size=1 << 14) as shared:
+        shared.update({f"old{i}": i for i in range(5)})
+        child = spawn.Process(target=insert_until_growth_then_die, args=(shared.name, where))
+        child.start()
+        child.join(TIMEOUT)
+        assert child.exitcode == -signal.SIGKILL, child.exitcode
+        shared._check()  # takes the lock: repairs what the killed process left
+        contents = dict(shared.items())
+        assert {f"old{i}": i for i in range(5)}.items() <= contents.items()
+        new = {key: value for key, value in contents.items() if key.startswith("new")}
+        assert new == {f"new{i}": i for i in range(len(new))}  # a prefix: no half insert
+        generation = shared.stats()["generation"]
+        if where == "committed":
+            assert generation == 1  # after the step
+        else:
+            assert generation == 0  # before it
+        for i in range(200):  # and it still grows
+            shared[f"again{i}"] = i
+        shared._check()
+        assert shared["again199"] == 199
+
+
+def test_a_writer_killed_at_random_points_while_the_dict_grows(small: SharedDict) -> None:
+    """SIGKILLing a writer that makes the dict grow, several times: whole values, updates whole."""
+    for attempt in range(4):
+        ready = spawn.Event()
+        child = spawn.Process(target=grow_forever, args=(small.name, ready))
+        child.start()
+        try:
+            assert ready.wait(TIMEOUT)
+            threading.Event().wait(0.02 * attempt)
+        finally:
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            child.join(TIMEOUT)
+        assert child.exitcode == -signal.SIGKILL
+        small._check()
+        for slot in range(10):
+            round_number, data = small[f"k{slot}"]
+            assert data == bytes([slot]) * ((round_number + slot) % 300)
+        batches: dict[int, int] = {}
+        for key in small:
+            if isinstance(key, str) and key.startswith("batch"):
+                number = int(key[5:].split("_")[0])
+                batches[number] = batches.get(number, 0) + 1
+        assert all(count == 20 for count in batches.values())  # update(): all or nothing
+    assert small.stats()["generation"] > 0
