@@ -563,3 +563,58 @@ def test_another_users_token_and_handle_are_untrusted_not_foreign() -> None:
         with pytest.raises(UntrustedBlockError):
             landed.as_array()
         landed.close()
+
+
+# -- 15. no library thread across a fork ------------------------------------------------------
+
+
+def test_forking_after_codec_use_does_not_warn() -> None:
+    """After codec use, os.fork() and a fork Pool find no library thread and raise no warning."""
+    result = json.loads(
+        _python(
+            """
+            import json, multiprocessing, os, threading, warnings
+
+            # Registered before the library's hooks, so run after them at each fork: which
+            # library threads does the system still run at the moment of the fork?
+            alive_at_fork = []
+
+            def look():
+                tasks = set(os.listdir("/proc/self/task"))
+                alive_at_fork.extend(
+                    thread.name
+                    for thread in threading.enumerate()
+                    if thread.name.startswith("shared_memory_array")
+                    and str(thread.native_id) in tasks
+                )
+
+            os.register_at_fork(before=look)
+
+            import numpy as np
+            from shared_memory_array import read, release, write
+
+            token = write(np.zeros(1 << 20), threshold=0)
+            assert float(np.asarray(read(token)).sum()) == 0
+            release(token)  # pooled: the collector and the populate thread are at work
+            threads = sorted(thread.name for thread in threading.enumerate())
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0)
+                os.waitpid(pid, 0)
+                with multiprocessing.get_context("fork").Pool(2) as pool:
+                    assert pool.map(abs, [-1, -2]) == [1, 2]
+            print(json.dumps({
+                "threads": threads,
+                "alive at fork": alive_at_fork,
+                "warnings": [str(warning.message) for warning in caught],
+            }))
+            """
+        ).splitlines()[-1]
+    )
+    assert "shared_memory_array-collector" in result["threads"]  # there was a thread to stop
+    # Python 3.12+ warns "This process ... is multi-threaded, use of fork() may lead to
+    # deadlocks in the child" when a thread is alive at fork; older ones never warn.
+    assert result["warnings"] == []
+    assert result["alive at fork"] == []
