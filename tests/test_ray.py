@@ -27,6 +27,7 @@ TIMEOUT = 60
 def ray_local() -> Iterator[None]:
     """A local Ray with two CPUs and the adapter installed in the driver and every worker."""
     ray.init(
+        address="local",  # a new local Ray, never a cluster already running on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
