@@ -33,9 +33,11 @@ from _children_reliability import owns, sum_after, sum_of
 from shared_memory_array import (
     BlockNotFoundError,
     SharedArray,
+    Token,
     UntrustedBlockError,
     _codec,
     _lifetime,
+    _transport,
     cleanup,
     read,
     release,
@@ -68,13 +70,13 @@ def _wait_until(condition: Callable[[], bool], seconds: float = TIMEOUT) -> bool
     return True
 
 
-def _python(code: str, *args: str) -> str:
+def _python(code: str, *args: str, timeout: float = TIMEOUT) -> str:
     """Run ``code`` in a new interpreter (in this /dev/shm); its stdout, or fail with its stderr."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
         capture_output=True,
         text=True,
-        timeout=TIMEOUT,
+        timeout=timeout,
         check=False,
         cwd=HERE,
     )
@@ -618,3 +620,214 @@ def test_forking_after_codec_use_does_not_warn() -> None:
     # deadlocks in the child" when a thread is alive at fork; older ones never warn.
     assert result["warnings"] == []
     assert result["alive at fork"] == []
+
+
+# -- 13. Dask without the adapter: a far task fails clearly -----------------------------------
+
+
+def test_dask_without_the_adapter_reports_a_far_handle_as_not_found() -> None:
+    """A client that never imports the adapter gets BlockNotFoundError from a far task, no hang."""
+    pytest.importorskip("distributed", reason="the dask extra is not installed")
+    _needs_private_tmpfs()
+    result = json.loads(
+        _python(
+            f"""
+            import json, os, signal, subprocess, sys
+            import numpy as np
+            import distributed
+            from shared_memory_array import BlockNotFoundError, SharedArray
+
+            TIMEOUT = {TIMEOUT // 2}  # the script's own bound; the test's is twice as long
+
+
+            def total(handle):
+                return float(handle.as_array().sum())
+
+
+            with (
+                distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0")
+                as cluster,
+                distributed.Client(cluster, timeout=TIMEOUT) as client,
+            ):
+                # A worker behind its own tmpfs on /dev/shm: to a handle, another host.
+                far = subprocess.Popen(
+                    [
+                        "unshare", "-m", "--propagation", "private", "sh", "-c",
+                        'mount -t tmpfs -o size=256m tmpfs /dev/shm && exec "$@"', "sh",
+                        sys.executable, "-m", "distributed.cli.dask_worker",
+                        cluster.scheduler_address, "--nthreads", "1", "--no-nanny",
+                        "--no-dashboard", "--name", "far",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                try:
+                    client.wait_for_workers(1, timeout=TIMEOUT)
+                    with SharedArray.copy(None, np.arange(10.0)) as handle:
+                        future = client.submit(total, handle, workers=["far"], pure=False)
+                        try:
+                            outcome = f"a result: {{future.result(timeout=TIMEOUT)}}"
+                        except BlockNotFoundError as exc:
+                            outcome = "BlockNotFoundError" if handle.name in str(exc) else str(exc)
+                        except TimeoutError:
+                            outcome = f"no answer in {{TIMEOUT}} s"
+                        # Its pickle went to a worker that cannot land it: in flight until
+                        # the grace passes, so close() would keep the name; unlink() is now.
+                        handle.unlink()
+                finally:
+                    os.killpg(far.pid, signal.SIGTERM)
+                    far.wait(TIMEOUT)
+            print(json.dumps({{
+                "outcome": outcome,
+                "adapter imported": "shared_memory_array.dask" in sys.modules,
+            }}))
+            """,
+            timeout=TIMEOUT * 2,
+        ).splitlines()[-1]
+    )
+    assert result == {"outcome": "BlockNotFoundError", "adapter imported": False}
+
+
+# -- 14. Ray on two nodes: by-value copies go, far handles fail clearly -----------------------
+
+
+def test_ray_two_nodes_copies_go_and_far_handles_raise_block_not_found() -> None:
+    """A far node behind its own /dev/shm: by-value copies leave nothing; a handle fails clearly."""
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    _needs_private_tmpfs()
+    result = json.loads(
+        _python(
+            f"""
+            import json, os, signal, subprocess, sys, time
+            import numpy as np
+            import ray
+            import shared_memory_array.ray as sma_ray
+            from shared_memory_array import BlockNotFoundError, SharedArray, read, write
+
+            TIMEOUT = {TIMEOUT // 2}  # the script's own bound; the test's is longer
+
+            context = ray.init(
+                address="local",  # a new cluster, never one started earlier on this machine
+                num_cpus=1,
+                include_dashboard=False,
+                log_to_driver=False,
+                object_store_memory=100 << 20,
+                runtime_env=sma_ray.runtime_env(),
+            )
+            sma_ray.install()
+            # The second node, behind its own tmpfs on /dev/shm: to a block, another host.
+            far = subprocess.Popen(
+                [
+                    "unshare", "-m", "--propagation", "private", "sh", "-c",
+                    'mount -t tmpfs -o size=1g tmpfs /dev/shm && exec "$@"', "sh",
+                    os.path.join(os.path.dirname(sys.executable), "ray"), "start",
+                    "--address", context.address_info["gcs_address"], "--num-cpus", "1",
+                    "--resources", '{{"far": 1}}', "--object-store-memory", str(100 << 20),
+                    "--disable-usage-stats", "--block",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # its processes are one group, ended together
+            )
+
+
+            @ray.remote(resources={{"far": 1}})
+            def far_sum(obj):
+                if isinstance(obj, str):
+                    obj = read(obj)
+                else:
+                    obj = obj.as_array()
+                return float(np.asarray(obj).sum())
+
+
+            @ray.remote(resources={{"far": 1}})
+            def far_blocks():
+                return sorted(name for name in os.listdir("/dev/shm") if name.startswith("sma_"))
+
+
+            def left_on_far_node():
+                deadline = time.monotonic() + TIMEOUT
+                while True:
+                    left = ray.get(far_blocks.remote(), timeout=TIMEOUT)
+                    if not left or time.monotonic() > deadline:
+                        return left
+                    time.sleep(0.2)
+
+
+            def outcome(ref):
+                try:
+                    return f"a result: {{ray.get(ref, timeout=TIMEOUT)}}"
+                except BlockNotFoundError as exc:
+                    return "BlockNotFoundError" if "another host" in str(exc) else str(exc)
+                except Exception as exc:
+                    return f"{{type(exc).__name__}}: {{str(exc)[:300]}}"
+
+
+            result = {{}}
+            try:
+                deadline = time.monotonic() + TIMEOUT
+                while sum(1 for node in ray.nodes() if node["Alive"]) < 2:
+                    assert far.poll() is None and time.monotonic() < deadline, "no far node"
+                    time.sleep(0.2)
+                # (a) By value (two nodes): each far read makes a copy in the far /dev/shm.
+                token = write(np.ones(300_000))
+                with SharedArray.copy(None, np.arange(10.0)) as handle:
+                    refs = [far_sum.remote(token) for _ in range(3)] + [far_sum.remote(handle)]
+                    result["by value"] = ray.get(refs, timeout=TIMEOUT)
+                result["left on the far node"] = left_on_far_node()
+                # (b) By handle, forced: the far task's own error, a BlockNotFoundError.
+                sma_ray.install(mode="handle")
+                with SharedArray.copy(None, np.arange(10.0)) as handle:
+                    result["forced by handle"] = outcome(far_sum.remote(handle))
+                    result["token by handle"] = outcome(far_sum.remote(token))
+                    ray.util.deregister_serializer(SharedArray)  # a driver without the adapter
+                    result["no adapter"] = outcome(far_sum.remote(handle))
+                    handle.unlink()  # its pickles cannot land: in flight until their grace
+            finally:
+                # The far node first: once the head is gone, it waits for it in vain.
+                os.killpg(far.pid, signal.SIGTERM)
+                try:
+                    far.wait(TIMEOUT)
+                finally:
+                    try:
+                        os.killpg(far.pid, signal.SIGKILL)  # stragglers of its group
+                    except ProcessLookupError:
+                        pass
+                    ray.shutdown()
+            print(json.dumps(result))
+            """,
+            timeout=TIMEOUT * 3,
+        ).splitlines()[-1]
+    )
+    assert result == {
+        "by value": [300_000.0] * 3 + [45.0],
+        "left on the far node": [],  # each copy went when its task was done with it
+        "forced by handle": "BlockNotFoundError",
+        "token by handle": "BlockNotFoundError",
+        "no adapter": "BlockNotFoundError",
+    }
+
+
+def test_a_received_token_copy_is_released_when_collected() -> None:
+    """A by-value token copy (what an engine delivers) frees its block once collected."""
+    token = write(np.ones(300_000), threshold=0)
+    try:
+        rebuild, args = _transport.by_value(token)
+        received = rebuild(*args)
+        assert isinstance(received, _transport.ReceivedToken)
+        assert received != token
+        copy_name = received.split(":")[2]
+        assert float(np.asarray(read(received)).sum()) == 300_000.0
+        passed_on = pickle.loads(pickle.dumps(received))  # a plain Token: it releases nothing
+        assert type(passed_on) is Token
+        assert passed_on == received
+        del passed_on
+        # Collected while this thread holds the writer's lock (a garbage collection can
+        # run at any allocation): the release must not wait for the lock.
+        with _codec.writer._lock:
+            del received
+        assert _wait_until(lambda: not _exists(copy_name))
+        assert float(np.asarray(read(token)).sum()) == 300_000.0  # the sender's: untouched
+    finally:
+        release(token)

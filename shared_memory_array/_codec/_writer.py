@@ -6,7 +6,9 @@
   mapping) at once if it released it itself, else within
   :data:`COLLECT_INTERVAL` (a collector thread that runs only while this
   process has blocks to watch). A writer that is gone cannot: then the
-  releasing reader unlinks the name itself.
+  releasing reader unlinks the name itself. A finalizer (the by-value copy of
+  a token that an engine delivered, :mod:`.._transport`) releases with
+  :meth:`Writer.release_soon`, which never waits for the writer's lock.
 * The one exception: the writer keeps released blocks to reuse for its own
   next writes (first touching fresh shared memory costs far more than copying
   into it), at most ``pool_bytes`` of them (``configure``; default an eighth of
@@ -43,6 +45,7 @@ no library thread is alive across a fork (the fork hub, :mod:`.._process`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import os
@@ -138,6 +141,8 @@ class Writer:
 
     def _reset(self) -> None:
         self._live: dict[str, _Written] = {}  # oldest first
+        # Releases asked for without the lock (release_soon), done under it by the collector.
+        self._pending: collections.deque[tuple[str, int]] = collections.deque()
         self._pool: dict[str, _Written] = {}  # released, mapped, oldest first
         self._pool_bytes = 0
         self._last_write = 0.0
@@ -173,14 +178,18 @@ class Writer:
     def release(self, name: str, generation: int) -> bool:
         """Release a block written here; ``False`` if this process did not write it."""
         with self._lock:
-            entry = self._live.get(name)
-            if entry is not None:
-                if entry.handle.generation == generation:
-                    entry.handle.mark(RELEASED)
-                    del self._live[name]
-                    self._add_to_pool(entry)
-                return True
-            return name in self._pool  # a stale token of a pooled block: nothing to do
+            return self._release(name, generation)
+
+    def release_soon(self, name: str, generation: int) -> None:
+        """:meth:`release` later, without taking the lock: for finalizers.
+
+        The garbage collector may run a finalizer while this very thread holds the
+        writer's lock (inside :meth:`write`, or in the collector), so a finalizer must
+        never wait for it. The release is queued; the collector, which runs while this
+        process has live blocks, or the next write, does it within
+        :data:`COLLECT_INTERVAL`. A block this process did not write is ignored.
+        """
+        self._pending.append((name, generation))  # deque.append: atomic, no lock
 
     def drop_all(self) -> None:
         """Unlink every block this process wrote and still tracks (tests; tokens then raise)."""
@@ -212,7 +221,19 @@ class Writer:
 
     # -- under self._lock --------------------------------------------------------------
 
+    def _release(self, name: str, generation: int) -> bool:
+        entry = self._live.get(name)
+        if entry is not None:
+            if entry.handle.generation == generation:
+                entry.handle.mark(RELEASED)
+                del self._live[name]
+                self._add_to_pool(entry)
+            return True
+        return name in self._pool  # a stale token of a pooled block: nothing to do
+
     def _collect_released(self) -> None:
+        while self._pending:
+            self._release(*self._pending.popleft())
         released = [name for name, entry in self._live.items() if entry.handle.state() == RELEASED]
         for name in released:
             self._add_to_pool(self._live.pop(name))
