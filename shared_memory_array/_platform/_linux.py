@@ -271,15 +271,18 @@ class LinuxBackend(Backend):
         if populate:
             flags |= mmap.MAP_POPULATE
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        if sys.version_info >= (3, 13):
-            # No duplicate descriptor at all: the caller's keeps the locks.
-            return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)
-        # mmap keeps a dup of the descriptor it is given for the mapping's life, and a
-        # forked child inherits it: give it a description of its own, which never holds
-        # a lock, so no child can keep one of ours alive.
+        # A mapping references the open file description it was made from for its whole
+        # life (the kernel's, whatever Python does with the descriptor; CPython < 3.13
+        # also keeps a dup of it), a forked child inherits the mapping, and an OFD lock
+        # lasts until the last reference to its description goes. So the mapping gets a
+        # description of its own, which never holds a lock: the locks go when the hold
+        # closes its descriptor (at exit, too, while views still map the block), and no
+        # child keeps one of ours alive.
         access = os.O_RDONLY if readonly or private else os.O_RDWR
         spare = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            if sys.version_info >= (3, 13):
+                return mmap.mmap(spare, size, flags=flags, prot=prot, trackfd=False)
             return mmap.mmap(spare, size, flags=flags, prot=prot)
         finally:
             os.close(spare)
