@@ -642,7 +642,7 @@ def test_forking_after_codec_use_does_not_warn() -> None:
     result = json.loads(
         _python(
             """
-            import json, multiprocessing, os, threading, warnings
+            import json, multiprocessing, os, threading, time, warnings
 
             # Registered before the library's hooks, so run after them at each fork: which
             # library threads does the system still run at the moment of the fork?
@@ -660,11 +660,12 @@ def test_forking_after_codec_use_does_not_warn() -> None:
             os.register_at_fork(before=look)
 
             import numpy as np
-            from shared_memory_array import read, release, write
+            from shared_memory_array import _codec, read, release, write
 
             token = write(np.zeros(1 << 20), threshold=0)
             assert float(np.asarray(read(token)).sum()) == 0
             release(token)  # pooled: the collector and the populate thread are at work
+            assert _codec.writer.pooled_names()
             threads = sorted(thread.name for thread in threading.enumerate())
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -674,15 +675,21 @@ def test_forking_after_codec_use_does_not_warn() -> None:
                 os.waitpid(pid, 0)
                 with multiprocessing.get_context("fork").Pool(2) as pool:
                     assert pool.map(abs, [-1, -2]) == [1, 2]
+            # The threads came back once the forks returned: the idle pool still empties.
+            deadline = time.monotonic() + 30
+            while _codec.writer.pooled_names() and time.monotonic() < deadline:
+                time.sleep(0.05)
             print(json.dumps({
                 "threads": threads,
                 "alive at fork": alive_at_fork,
                 "warnings": [str(warning.message) for warning in caught],
+                "pool emptied": not _codec.writer.pooled_names(),
             }))
             """
         ).splitlines()[-1]
     )
     assert "shared_memory_array-collector" in result["threads"]  # there was a thread to stop
+    assert result["pool emptied"]
     # Python 3.12+ warns "This process ... is multi-threaded, use of fork() may lead to
     # deadlocks in the child" when a thread is alive at fork; older ones never warn.
     assert result["warnings"] == []

@@ -39,8 +39,9 @@ Threads
 -------
 The collector runs only while this process has written blocks to watch, and
 stops by itself when it has none. Around a ``fork()`` the library stops it
-(and the populate thread) first and restarts it in the parent afterwards, so
-no library thread is alive across a fork (the fork hub, :mod:`.._process`).
+(and the populate thread) first and restarts it in the parent once the fork
+has returned, so no library thread is alive across a fork (the fork hub,
+:mod:`.._process`); a write before then restarts it itself.
 """
 
 from __future__ import annotations
@@ -178,7 +179,10 @@ class Writer:
     def release(self, name: str, generation: int) -> bool:
         """Release a block written here; ``False`` if this process did not write it."""
         with self._lock:
-            return self._release(name, generation)
+            released = self._release(name, generation)
+            if self._live or self._pool:
+                self._start_collector()  # already running, unless a fork stopped it
+            return released
 
     def release_soon(self, name: str, generation: int) -> None:
         """:meth:`release` later, without taking the lock: for finalizers.
@@ -333,10 +337,18 @@ class Writer:
         """No library thread may be alive across a fork the library did not start."""
         self._stop_collector()
 
-    def after_fork_in_parent(self) -> None:
-        """Restart the collector if there is something to watch."""
-        if self._live or self._pool:
-            self._start_collector()
+    def resume_after_fork(self) -> None:
+        """Restart the collector if there is something to watch (once the fork returned).
+
+        Never waits for the lock (see the fork hub): whoever holds it starts the
+        collector itself when it needs one (:meth:`write`, :meth:`release`).
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._live or self._pool:
+                    self._start_collector()
+            finally:
+                self._lock.release()
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's blocks: a child must neither reuse nor unlink them."""
@@ -359,7 +371,7 @@ writer = Writer()
 at_fork(
     ForkPhase.WRITER,
     before=writer.before_fork,
-    after_in_parent=writer.after_fork_in_parent,
     after_in_child=writer.after_fork_in_child,
+    resume_in_parent=writer.resume_after_fork,
 )
 _reaper.exit_hook.before_exit.append(writer.shutdown)
