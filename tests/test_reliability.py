@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import multiprocessing
 import os
@@ -84,6 +85,7 @@ def _python(code: str, *args: str, timeout: float = TIMEOUT) -> str:
     return done.stdout.strip()
 
 
+@functools.cache
 def _private_tmpfs_problem() -> str | None:
     """Why this process cannot give a child a private tmpfs on /dev/shm, or None if it can."""
     if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
@@ -333,11 +335,9 @@ def test_one_pickle_loaded_twice_does_not_use_up_another(tmp_path: Path) -> None
 
 
 def test_a_normal_exit_frees_its_block_while_views_of_it_are_still_alive() -> None:
-    """An owner exits with a handle and a view in globals: its exit hook unlinks the block.
-
-    (Found with item 5 on Python 3.13: a mapping made from the descriptor that holds
-    the lifetime locks kept them after the exit hook let go, so nothing was reaped.)
-    """
+    """An owner exits with a handle and a view in globals: its exit hook unlinks the block."""
+    # Found with item 5's test on Python 3.13: a mapping made from the descriptor that
+    # holds the lifetime locks kept them after the exit hook let go, so nothing was reaped.
     name = _python(
         """
         import numpy as np
@@ -353,6 +353,8 @@ def test_a_normal_exit_frees_its_block_while_views_of_it_are_still_alive() -> No
 
 def test_a_fork_child_does_not_keep_its_parents_ownership(tmp_path: Path) -> None:
     """The owner forks a child and is killed: the handle it pickled lands as the owner."""
+    # Found with the test above: on Python 3.13 the child's copy of the mapping kept the
+    # dead owner's OWNER lock, so nobody could take ownership while the child lived.
     pickle_path = tmp_path / "handle.pkl"
     code = """
         import os, pickle, signal, sys
