@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _header_tools import mark_in_flight
 
 import shared_memory_array as sma
 from shared_memory_array import __main__ as cli
@@ -107,7 +107,7 @@ def write_orphan(made: list[bytes], content: bytes, name: bytes | None = None) -
     data[: len(content)] = content
     if content.startswith(MAGIC):
         _, lifetime = encoded_identity(content)
-        struct.pack_into("<qqq", data, lifetime, 1, time.time_ns(), 0)
+        mark_in_flight(data, lifetime)
     path = b"/dev/shm/" + raw_name
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     made.append(path)

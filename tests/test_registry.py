@@ -28,7 +28,6 @@ import os
 import pickle
 import select
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _header_tools import mark_in_flight
 
 import shared_memory_array as sma
 from shared_memory_array import _lifetime, _reaper, _registry
@@ -131,7 +131,7 @@ def write_block(scope: set[str]) -> Iterator[WriteBlock]:
         data[: len(content)] = content
         if shield:
             _, lifetime = encoded_identity(content)
-            struct.pack_into("<qqq", data, lifetime, 1, time.time_ns(), 0)
+            mark_in_flight(data, lifetime)
         path = os.path.join(os.fsencode(SHM), raw_name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         written.append(path)
