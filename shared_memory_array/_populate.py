@@ -45,7 +45,7 @@ lets the view go.
 One thread per process serves every job in turn and exits when none is
 left: no thread runs once the pool is empty. Before a ``fork()`` the thread is
 stopped at the end of its current chunk (its job goes back to the front of the
-queue) and restarted in the parent afterwards, so no library thread is alive
+queue) and restarted in the parent once the fork has returned, so no library thread is alive
 across a fork; a forked child starts with no job and no thread.
 """
 
@@ -268,12 +268,26 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_parent() -> None:
-    global _paused, _thread
+    global _paused
     with _lock:
-        _paused = False
-        if _jobs and _thread is None:
+        _paused = False  # a job submitted from now on starts the thread itself
+
+
+def _resume_after_fork() -> None:
+    """Serve the waiting jobs again (once the fork returned: see the fork hub).
+
+    Never waits for the lock: whoever holds it is :func:`submit` (which starts
+    the thread itself) or a look at :func:`idle`.
+    """
+    global _thread
+    if not _lock.acquire(blocking=False):
+        return
+    try:
+        if _jobs and _thread is None and not _paused:
             _thread = threading.Thread(target=_serve, name=THREAD_NAME, daemon=True)
             _thread.start()
+    finally:
+        _lock.release()
 
 
 def _after_fork_in_child() -> None:
@@ -291,4 +305,5 @@ at_fork(
     before=_before_fork,
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
+    resume_in_parent=_resume_after_fork,
 )

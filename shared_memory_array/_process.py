@@ -33,15 +33,31 @@ WRITER      the codec writer forgets the parent's blocks (a child neither
 POPULATE    no populate job, no populate thread
 ==========  =============================================================
 
+Threads at fork
+---------------
 Before a fork the library stops its own threads (the codec's collector, the
-populate thread) and restarts them in the parent afterwards, so no library
-thread is alive across a ``fork()`` the library did not start (Python 3.12
-warns about forking a multi-threaded process).
+populate thread), so no library thread is alive across a ``fork()`` the
+library did not start: Python 3.12+ warns ("This process is multi-threaded,
+use of fork() may lead to deadlocks in the child") when one is. They are
+restarted in the parent by ``resume_in_parent`` callbacks, which run *after*
+the fork has returned, never inside it: Python 3.13 counts the threads alive
+once the ``after_in_parent`` callbacks have run (CPython issue gh-137109), so a
+thread restarted there is counted. After a fork from the main thread the hub
+asks the interpreter to run them at its next bytecode (``Py_AddPendingCall``,
+scheduled by the last ``after_in_parent`` callback without running a bytecode
+itself), which comes after ``fork()`` returned, in the code that called it.
+Where it cannot (not CPython; a fork from another thread, which was
+multi-threaded anyway), they run at once. A library call that needs a thread
+before then starts it itself (the writer's next write or release, the next
+populate job).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import enum
+import functools
 import os
 import threading
 import time
@@ -127,7 +143,30 @@ class ForkPhase(enum.IntEnum):
 
 
 _Callback = Callable[[], None]
-_hooks: list[tuple[ForkPhase, int, _Callback | None, _Callback | None, _Callback | None]] = []
+
+
+class _Hook:
+    __slots__ = ("after_in_child", "after_in_parent", "before", "order", "phase", "resume")
+
+    def __init__(
+        self,
+        phase: ForkPhase,
+        order: int,
+        before: _Callback | None,
+        after_in_parent: _Callback | None,
+        after_in_child: _Callback | None,
+        resume: _Callback | None,
+    ) -> None:
+        self.phase, self.order = phase, order
+        self.before, self.after_in_parent, self.after_in_child = (
+            before,
+            after_in_parent,
+            after_in_child,
+        )
+        self.resume = resume
+
+
+_hooks: list[_Hook] = []
 
 
 def at_fork(
@@ -136,28 +175,117 @@ def at_fork(
     before: _Callback | None = None,
     after_in_parent: _Callback | None = None,
     after_in_child: _Callback | None = None,
+    resume_in_parent: _Callback | None = None,
 ) -> None:
-    """Run these callbacks around every ``fork`` of this process, in ``phase``'s place."""
-    _hooks.append((phase, len(_hooks), before, after_in_parent, after_in_child))
-    _hooks.sort(key=lambda hook: (hook[0], hook[1]))
+    """Run these callbacks around every ``fork`` of this process, in ``phase``'s place.
+
+    ``resume_in_parent`` restarts what ``before`` stopped (a thread): it runs in
+    the parent once the fork has returned, not inside it (see the module docstring).
+    """
+    _hooks.append(
+        _Hook(phase, len(_hooks), before, after_in_parent, after_in_child, resume_in_parent)
+    )
+    _hooks.sort(key=lambda hook: (hook.phase, hook.order))
+
+
+# Held from the first `before` callback of a fork to its last `after` one: resume
+# callbacks (which start threads) never run while a fork is under way.
+_fork_lock = threading.Lock()
+# The pid whose resume callbacks are due (0: none). A child forked before they ran
+# inherits the pending call, not the duty: the pid tells.
+_resume_due = 0
 
 
 def _before() -> None:
-    for _, _, before, _, _ in reversed(_hooks):
-        if before is not None:
-            before()
+    global _scheduler_registered
+    _fork_lock.acquire()
+    if _schedule_resume is not None and not _scheduler_registered:
+        # Registered now, at the first fork, it is the last `after_in_parent` callback
+        # (a list copied after the `before` callbacks ran), after those that modules
+        # imported after this one registered (logging's, a user's): Python code they
+        # run would run a pending call already scheduled.
+        _scheduler_registered = True
+        os.register_at_fork(after_in_parent=_schedule_resume)
+    for hook in reversed(_hooks):
+        if hook.before is not None:
+            hook.before()
 
 
 def _after_in_parent() -> None:
-    for _, _, _, parent, _ in _hooks:
-        if parent is not None:
-            parent()
+    global _resume_due
+    try:
+        for hook in _hooks:
+            if hook.after_in_parent is not None:
+                hook.after_in_parent()
+        _resume_due = _pid
+    finally:
+        _fork_lock.release()
+    if _schedule_resume is None or threading.current_thread() is not threading.main_thread():
+        # Cannot defer (Python 3.13 may then count the threads). From another thread,
+        # the fork was multi-threaded anyway, and the pending call would run at any
+        # bytecode of the main thread, maybe one inside a lock that starting a thread
+        # takes (threading's own): now, then.
+        _resume()
 
 
 def _after_in_child() -> None:
-    for _, _, _, _, child in _hooks:
-        if child is not None:
-            child()
+    global _fork_lock, _resume_due
+    _fork_lock = threading.Lock()
+    _resume_due = 0
+    for hook in _hooks:
+        if hook.after_in_child is not None:
+            hook.after_in_child()
+
+
+def _resume() -> None:
+    """Run the resume callbacks of the last fork, once, in the process that forked.
+
+    May run at any bytecode of the main thread (a pending call): the callbacks
+    never wait for a lock (one its interrupted code may hold), and skip what
+    they cannot do now; a fork under way runs them again after it.
+    """
+    global _resume_due
+    if _resume_due != _pid or not _fork_lock.acquire(blocking=False):
+        return
+    try:
+        _resume_due = 0
+        for hook in _hooks:
+            if hook.resume is not None:
+                with contextlib.suppress(Exception):  # a thread that cannot start now starts later
+                    hook.resume()
+    finally:
+        _fork_lock.release()
+
+
+def _load_add_pending_call() -> Callable[..., int] | None:
+    """``Py_AddPendingCall``: the interpreter runs a function at the main thread's next bytecode."""
+    try:
+        function = ctypes.pythonapi.Py_AddPendingCall
+    except (AttributeError, OSError):  # not CPython, or its symbols are not exported
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return, unused-ignore]
+
+
+def _resume_from_pending_call(_: object) -> int:
+    # A pending call that returns -1 raises in whatever code the main thread runs: never.
+    with contextlib.suppress(Exception):
+        _resume()
+    return 0
+
+
+_pending_resume = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(_resume_from_pending_call)
+_add_pending_call = _load_add_pending_call()
+# The last `after_in_parent` callback: schedules the pending call without running a
+# bytecode (a partial of a C function), since the interpreter runs pending calls at
+# the next bytecode it checks, which must come after the fork returned.
+_schedule_resume = (
+    None
+    if _add_pending_call is None
+    else functools.partial(_add_pending_call, _pending_resume, None)
+)
+_scheduler_registered = False
 
 
 def _refresh_pid() -> None:

@@ -8,9 +8,11 @@ handle is in flight is an orphan; this module lists what the reaper sees and,
 in :func:`cleanup`, lets it reap on request. The creator's pid and start time
 are shown, to explain who made a block, never to decide.
 
-Reading a block here maps it read-only (O(1) whatever its size), parses the
-header and unmaps it. It never unpickles anything and never trusts a header
-field before the parser has checked it, so hostile blocks are safe to list.
+Reading a block here reads its header through the descriptor (``pread``),
+never through a mapping: a block that is all holes (cut short by a kill during
+its reservation) would SIGBUS a reader of its mapping once the filesystem is
+full. It never unpickles anything and never trusts a header field before the
+parser has checked it, so hostile blocks are safe to list.
 
 Odd entries (API.md section 5, v2): anything in /dev/shm named like a block is
 listed and judged without ever crashing on it. Symlinks, FIFOs, directories,

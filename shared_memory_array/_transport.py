@@ -14,7 +14,12 @@ the same kind in the receiver's own /dev/shm, owned by the receiver:
 * a :class:`SharedDict` becomes a new ``SharedDict`` named ``<name>-<8 hex>``
   with the same items, ``max_items`` and heap size, owned by the receiver;
 * a shared-memory token becomes a new token of the receiver's, written with
-  :func:`write` (its block lives until the receiver releases it or exits).
+  :func:`write`: a :class:`ReceivedToken`, whose block is released when the
+  token object is garbage collected (when the task that received it is done
+  with it). A task cannot release it itself: it cannot tell such a copy from
+  the sender's own token, which it must not release. The copy's block lives
+  as long as the object (``str(token)`` made from it names a block that goes
+  with the object); arrays already read from it stay valid after.
 
 Writes to a by-value copy stay on the receiver's side.
 """
@@ -22,6 +27,7 @@ Writes to a by-value copy stay on the receiver's side.
 from __future__ import annotations
 
 import uuid
+import weakref
 from typing import Any
 
 import numpy as np
@@ -34,15 +40,29 @@ from ._dict import SharedDict
 
 __all__ = [
     "HANDLE_TYPES",
+    "ReceivedToken",
     "by_handle",
     "by_value",
     "is_shared_token",
 ]
 
 
+class ReceivedToken(Token[Any]):
+    """The token of a by-value copy this process received: the copy goes with this object.
+
+    Made by :func:`_token_from_value` only. It reads, compares and pickles as
+    the :class:`Token` it is (pickled, it becomes a plain ``Token`` that does
+    not release anything); garbage collected, it releases its block (through
+    the writer's lock-free queue: a finalizer may run anywhere).
+    """
+
+    # Not slotted: the finalizer needs a weak reference.
+
+
 # The codec returns tokens of a str subclass (API.md section 2); a plain str
 # cannot be told from any other string by type, so only a Token is adapted.
-HANDLE_TYPES: tuple[type[Any], ...] = (SharedArray, SharedDict, Token)
+# Engines look their reducers up by exact type: a ReceivedToken is listed too.
+HANDLE_TYPES: tuple[type[Any], ...] = (SharedArray, SharedDict, Token, ReceivedToken)
 
 
 def by_handle(obj: Any) -> Any:
@@ -87,4 +107,10 @@ def _dict_from_value(
 
 
 def _token_from_value(obj: object) -> str:
-    return _codec.write(obj)
+    token = _codec.write(obj)
+    if not is_shared_token(token):
+        return token  # inline: nothing to release
+    received = ReceivedToken(token)
+    finalizer = weakref.finalize(received, _codec.release_soon, str(token))
+    finalizer.atexit = False  # at exit the block goes with its writer anyway
+    return received

@@ -31,9 +31,11 @@ cluster, checked at each serialisation (the node list is cached for 5 s):
 ``install(mode="handle")`` or ``mode="value"`` (or the environment variable
 ``SHARED_MEMORY_ARRAY_RAY_MODE``, which :func:`runtime_env` passes to the
 workers) forces either. A handle that reaches a process whose /dev/shm is not
-the sender's (:func:`~shared_memory_array._identity.shm_identity` differs) raises
-:class:`~shared_memory_array.BlockNotFoundError` saying so, never attaches
-another block of the same name.
+the sender's (:func:`~shared_memory_array._identity.shm_identity` differs) never
+attaches another block of the same name: it arrives (deserialising never raises),
+and its first use raises :class:`~shared_memory_array.BlockNotFoundError` saying
+so, which is the task's error: ``ray.get`` raises an error that ``except
+BlockNotFoundError`` catches.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ import time
 from typing import Any, Final, Literal, cast
 
 from . import _transport
-from ._identity import check_same_shm, shm_identity
 
 __all__ = ["MODE_VARIABLE", "SETUP_HOOK", "install", "runtime_env"]
 
@@ -80,17 +81,16 @@ def _by_value() -> bool:
 def _serialize(obj: Any) -> tuple[Any, ...]:
     if _by_value():
         return ("value", _transport.by_value(obj))
-    return ("handle", shm_identity(), getattr(obj, "name", str(obj)), _transport.by_handle(obj))
+    return ("handle", _transport.by_handle(obj))
 
 
 def _deserialize(state: tuple[Any, ...]) -> Any:
-    if state[0] == "value":
-        rebuild, args = state[1]
-        return rebuild(*args)
-    _, identity, name, (rebuild, args) = state
-    # Checked here too, not only when the handle attaches: a token is rebuilt as a
-    # plain string, and would only fail later, when read.
-    check_same_shm(name, identity)
+    # Never raises because the block cannot be reached (API.md section 1, v3): Ray
+    # would report a failure here as a RaySystemError of the argument, which
+    # `except BlockNotFoundError` does not catch. A handle keeps the shm identity
+    # it was made with and raises at its first use; a token carries it in its text
+    # and raises when read: then the task's own error is the BlockNotFoundError.
+    rebuild, args = state[1]
     return rebuild(*args)
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import struct
 import zlib
 
+from shared_memory_array._lifetime import _ENTRY, _TICKETS_AT
+from shared_memory_array._platform import backend
+
 CHECKSUM_OFFSET = 20
 FIELD_FORMATS = {
     "version": (8, "<H"),
@@ -41,13 +44,10 @@ def with_field(header: bytes, field: str, value: int) -> bytearray:
     return reseal(raw)
 
 
-def shield_in_flight(data: bytearray, lifetime_offset: int) -> None:
-    """Record one pickle in flight, now, in a v3 lifetime area (see _lifetime).
+def mark_in_flight(data: bytearray, lifetime_offset: int) -> None:
+    """Record one pickled handle in flight, stamped now, in the lifetime area at that offset.
 
-    A hand-written block nobody maps is an orphan; a pickle in flight shields it
-    from other processes' reapers for the handoff grace.
+    Other processes' reapers then leave the block alone for their grace (60 s);
+    a reaper with no grace (``SHARED_MEMORY_ARRAY_HANDOFF_GRACE=0``) sees a plain orphan.
     """
-    from shared_memory_array._platform import backend
-
-    ticket_table = lifetime_offset + 64
-    struct.pack_into("<QQ", data, ticket_table, 0x5EED_5EED, backend.shared_clock_ns())
+    _ENTRY.pack_into(data, lifetime_offset + _TICKETS_AT, 1, backend.shared_clock_ns())

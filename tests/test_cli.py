@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _header_tools import shield_in_flight
+from _header_tools import mark_in_flight
 
 import shared_memory_array as sma
 from shared_memory_array import __main__ as cli
@@ -107,7 +107,7 @@ def write_orphan(made: list[bytes], content: bytes, name: bytes | None = None) -
     data[: len(content)] = content
     if content.startswith(MAGIC):
         _, lifetime = encoded_identity(content)
-        shield_in_flight(data, lifetime)
+        mark_in_flight(data, lifetime)
     path = b"/dev/shm/" + raw_name
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     made.append(path)

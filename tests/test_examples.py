@@ -6,6 +6,7 @@ A complete script is a fenced ``python`` block in the README and a
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +30,12 @@ DOCS_BLOCKS = {
 }
 
 
+# A Ray example's ray.init() starts its own Ray, never joins one that another process on
+# this machine started last (recorded in /tmp/ray): then it failed with "num_cpus must not
+# be provided". The variable changes nothing else.
+ENV = {**os.environ, "RAY_ADDRESS": "local"}
+
+
 def test_examples_are_found() -> None:
     """The examples and the README and docs blocks are found (none found would test nothing)."""
     assert len(EXAMPLES) >= 10
@@ -41,7 +48,12 @@ def test_examples_are_found() -> None:
 def test_example_runs_cleanly(script: Path) -> None:
     """The example exits 0, prints its result, writes nothing to stderr, and cleans up."""
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip()
@@ -55,7 +67,12 @@ def test_readme_block_runs_cleanly(code: str, tmp_path: Path) -> None:
     script = tmp_path / "readme_example.py"
     script.write_text(code)
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
@@ -68,7 +85,12 @@ def test_docs_block_runs_cleanly(code: str, tmp_path: Path) -> None:
     script = tmp_path / "docs_example.py"
     script.write_text(code)
     done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=ENV,
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""

@@ -27,7 +27,7 @@ TIMEOUT = 60
 def ray_local() -> Iterator[None]:
     """A local Ray with two CPUs and the adapter installed in the driver and every worker."""
     ray.init(
-        address="local",  # a Ray of its own, never a cluster already running
+        address="local",  # a new local Ray, never a cluster already running on this machine
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -146,14 +146,17 @@ def test_by_value_through_the_object_store() -> None:
         sma_ray.install()
 
 
-def test_handle_from_another_shm_raises_clearly() -> None:
-    """A by-handle state whose identity is not this process's raises BlockNotFoundError."""
+def test_handle_from_another_shm_arrives_and_raises_at_first_use() -> None:
+    """A by-handle state made behind another /dev/shm deserialises; its first use raises."""
     with SharedArray.copy(None, np.zeros(4)) as handle:
-        state = sma_ray._serialize(handle)
-        assert state[1] == shm_identity()
-        foreign = (state[0], "0" * 16, *state[2:])
+        kind, (rebuild, args) = sma_ray._serialize(handle)
+        assert (kind, args[-1]) == ("handle", shm_identity())
+        foreign = sma_ray._deserialize((kind, (rebuild, (*args[:-1], "0" * 16))))
+        assert (foreign.name, foreign.shape) == (handle.name, (4,))
         with pytest.raises(BlockNotFoundError, match="another host"):
-            sma_ray._deserialize(foreign)
+            foreign.as_array()
+        foreign.close()
+        handle.unlink()  # its pickle never landed: close() alone would wait for the grace
 
 
 def test_runtime_env_keeps_the_callers_settings() -> None:

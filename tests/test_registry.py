@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _header_tools import shield_in_flight
+from _header_tools import mark_in_flight
 
 import shared_memory_array as sma
 from shared_memory_array import _lifetime, _reaper, _registry
@@ -131,7 +131,7 @@ def write_block(scope: set[str]) -> Iterator[WriteBlock]:
         data[: len(content)] = content
         if shield:
             _, lifetime = encoded_identity(content)
-            shield_in_flight(data, lifetime)
+            mark_in_flight(data, lifetime)
         path = os.path.join(os.fsencode(SHM), raw_name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         written.append(path)

@@ -64,6 +64,7 @@ __all__ = [
     "read",
     "read_block",
     "release",
+    "release_soon",
     "write",
     "writer",
 ]
@@ -251,3 +252,15 @@ def release(token: str) -> None:
     shared = parse_shared(token)
     if not writer.release(shared.name, shared.generation):
         release_foreign(shared.name, shared.generation, shared.block_id, shared.identity)
+
+
+def release_soon(token: str) -> None:
+    """:func:`release` a token this process wrote, from a finalizer: never blocks.
+
+    The release is queued for the writer's collector (:meth:`._writer.Writer.release_soon`),
+    which does it within its collection interval. Inline tokens, and tokens this process
+    did not write, are ignored.
+    """
+    if is_shared_token(token):
+        shared = parse_shared(token)
+        writer.release_soon(shared.name, shared.generation)

@@ -6,7 +6,9 @@
   mapping) at once if it released it itself, else within
   :data:`COLLECT_INTERVAL` (a collector thread that runs only while this
   process has blocks to watch). A writer that is gone cannot: then the
-  releasing reader unlinks the name itself.
+  releasing reader unlinks the name itself. A finalizer (the by-value copy of
+  a token that an engine delivered, :mod:`.._transport`) releases with
+  :meth:`Writer.release_soon`, which never waits for the writer's lock.
 * The one exception: the writer keeps released blocks to reuse for its own
   next writes (first touching fresh shared memory costs far more than copying
   into it), at most ``pool_bytes`` of them (``configure``; default an eighth of
@@ -37,12 +39,14 @@ Threads
 -------
 The collector runs only while this process has written blocks to watch, and
 stops by itself when it has none. Around a ``fork()`` the library stops it
-(and the populate thread) first and restarts it in the parent afterwards, so
-no library thread is alive across a fork (the fork hub, :mod:`.._process`).
+(and the populate thread) first and restarts it in the parent once the fork
+has returned, so no library thread is alive across a fork (the fork hub,
+:mod:`.._process`); a write before then restarts it itself.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import os
@@ -138,6 +142,8 @@ class Writer:
 
     def _reset(self) -> None:
         self._live: dict[str, _Written] = {}  # oldest first
+        # Releases asked for without the lock (release_soon), done under it by the collector.
+        self._pending: collections.deque[tuple[str, int]] = collections.deque()
         self._pool: dict[str, _Written] = {}  # released, mapped, oldest first
         self._pool_bytes = 0
         self._last_write = 0.0
@@ -173,14 +179,21 @@ class Writer:
     def release(self, name: str, generation: int) -> bool:
         """Release a block written here; ``False`` if this process did not write it."""
         with self._lock:
-            entry = self._live.get(name)
-            if entry is not None:
-                if entry.handle.generation == generation:
-                    entry.handle.mark(RELEASED)
-                    del self._live[name]
-                    self._add_to_pool(entry)
-                return True
-            return name in self._pool  # a stale token of a pooled block: nothing to do
+            released = self._release(name, generation)
+            if self._live or self._pool:
+                self._start_collector()  # already running, unless a fork stopped it
+            return released
+
+    def release_soon(self, name: str, generation: int) -> None:
+        """:meth:`release` later, without taking the lock: for finalizers.
+
+        The garbage collector may run a finalizer while this very thread holds the
+        writer's lock (inside :meth:`write`, or in the collector), so a finalizer must
+        never wait for it. The release is queued; the collector, which runs while this
+        process has live blocks, or the next write, does it within
+        :data:`COLLECT_INTERVAL`. A block this process did not write is ignored.
+        """
+        self._pending.append((name, generation))  # deque.append: atomic, no lock
 
     def drop_all(self) -> None:
         """Unlink every block this process wrote and still tracks (tests; tokens then raise)."""
@@ -212,7 +225,19 @@ class Writer:
 
     # -- under self._lock --------------------------------------------------------------
 
+    def _release(self, name: str, generation: int) -> bool:
+        entry = self._live.get(name)
+        if entry is not None:
+            if entry.handle.generation == generation:
+                entry.handle.mark(RELEASED)
+                del self._live[name]
+                self._add_to_pool(entry)
+            return True
+        return name in self._pool  # a stale token of a pooled block: nothing to do
+
     def _collect_released(self) -> None:
+        while self._pending:
+            self._release(*self._pending.popleft())
         released = [name for name, entry in self._live.items() if entry.handle.state() == RELEASED]
         for name in released:
             self._add_to_pool(self._live.pop(name))
@@ -312,10 +337,18 @@ class Writer:
         """No library thread may be alive across a fork the library did not start."""
         self._stop_collector()
 
-    def after_fork_in_parent(self) -> None:
-        """Restart the collector if there is something to watch."""
-        if self._live or self._pool:
-            self._start_collector()
+    def resume_after_fork(self) -> None:
+        """Restart the collector if there is something to watch (once the fork returned).
+
+        Never waits for the lock (see the fork hub): whoever holds it starts the
+        collector itself when it needs one (:meth:`write`, :meth:`release`).
+        """
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._live or self._pool:
+                    self._start_collector()
+            finally:
+                self._lock.release()
 
     def after_fork_in_child(self) -> None:
         """Forget the parent's blocks: a child must neither reuse nor unlink them."""
@@ -338,7 +371,7 @@ writer = Writer()
 at_fork(
     ForkPhase.WRITER,
     before=writer.before_fork,
-    after_in_parent=writer.after_fork_in_parent,
     after_in_child=writer.after_fork_in_child,
+    resume_in_parent=writer.resume_after_fork,
 )
 _reaper.exit_hook.before_exit.append(writer.shutdown)

@@ -233,7 +233,9 @@ def _data_of(facts: _reaper.BlockFacts) -> list[str]:
     generation = int.from_bytes(word, "little")
     entry_name = facts.header.name or facts.name
     names = [data_name(entry_name, number) for number in (generation, generation + 1)]
-    return [backend.system_name(name) for name in names if backend.exists(backend.system_name(name))]
+    return [
+        backend.system_name(name) for name in names if backend.exists(backend.system_name(name))
+    ]
 
 
 _reaper.KIND_POLICIES[BlockKind.DICT_DATA] = _keep_while_current

@@ -230,10 +230,15 @@ class _OFDLocks:
         return True
 
     def close(self) -> None:
+        """Unlock every role, then close: a mapping may keep the description alive."""
         fd, self.fd = self.fd, -1
         exclusive, self._exclusive_fd = self._exclusive_fd, -1
         for descriptor in (fd, exclusive):
             if descriptor >= 0:
+                with contextlib.suppress(OSError):  # F_UNLCK of bytes 0-3 in one call
+                    fcntl.fcntl(
+                        descriptor, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, 0, 0, 4, 0)
+                    )
                 os.close(descriptor)
 
 
@@ -343,10 +348,14 @@ class LinuxBackend(Backend):
         if populate:
             flags |= mmap.MAP_POPULATE
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
+        # A mapping references the open file description it was made from for its whole
+        # life (the kernel's vma, whatever Python does with the descriptor; CPython < 3.13
+        # also keeps a dup of it), and a forked child inherits it. That description never
+        # holds an exclusive lock (_OFDLocks), and its shared HOLD is unlocked explicitly
+        # when the hold closes (at exit too, while views still map the block): no mapping,
+        # here or in a child, keeps one of our locks alive.
         if sys.version_info >= (3, 13):
             return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)
-        # mmap keeps a dup of ``fd``: its description never holds an exclusive lock
-        # (_OFDLocks), so a forked child that inherits the dup keeps none of ours.
         return mmap.mmap(fd, size, flags=flags, prot=prot)
 
     can_populate: ClassVar[bool] = _madvise is not None
