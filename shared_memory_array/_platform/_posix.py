@@ -58,7 +58,10 @@ except ImportError:  # pragma: no cover - Windows
 MAX_NAME_BYTES: Final = 30
 MAPPED_NAME_PREFIX: Final = PREFIX + "~"
 _ROLE_DIRS: Final = {HOLD: "hold", OWNER: "owner", COUNTER: "counter", DICT: "dict"}
+_LIFETIME_ROLES: Final = (HOLD, OWNER, COUNTER)  # HOLD first: see _FileLocks.open_files
 LOCK_DIR_ENV: Final = "SHARED_MEMORY_ARRAY_LOCK_DIR"
+ABANDONED_CREATION_SECONDS: Final = 10.0
+"""Age of a hold file past which a missing lock file of its block means its creator died."""
 
 
 def available() -> bool:
@@ -86,7 +89,13 @@ def _private_directory(path: str) -> None:
 
 
 class _FileLocks:
-    """The lifetime roles as ``flock`` on one lock file per role (see the module docstring)."""
+    """The lifetime roles as ``flock`` on one lock file per role (see the module docstring).
+
+    The lock files of HOLD, OWNER and COUNTER are opened at once (:meth:`open_files`), as
+    an OFD lock lives on a description of the block's own file: every role stays usable
+    after the block's name (and so its lock files) is gone, and nothing opened later can
+    be the file of a new block of the same name. DICT's file is opened at first use.
+    """
 
     __slots__ = ("_backend", "_fds", "_inodes", "fd", "system_name", "writable")
 
@@ -100,19 +109,79 @@ class _FileLocks:
         self._fds: dict[int, int] = {}
         self._inodes: dict[int, tuple[int, int]] = {}
 
+    def adopt(self, role: int, fd: int) -> None:
+        """Take over ``fd``, a descriptor of ``role``'s lock file (already locked by its maker)."""
+        info = os.fstat(fd)
+        self._fds[role] = fd
+        self._inodes[role] = (info.st_dev, info.st_ino)
+
+    def close_lock_files(self) -> None:
+        """Close the lock files (dropping their locks), not the block's descriptor."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def open_files(self) -> None:
+        """Open the lifetime roles' lock files, all of one block (or raise BlockNotFoundError).
+
+        A block's files are made HOLD first and removed HOLD last, so checking
+        that the hold file is still the one opened first, after opening the
+        others, proves none of them belongs to a newer block of the same name.
+        """
+        for role in _LIFETIME_ROLES:
+            self._fd(role)
+
+    def _open_role(self, role: int) -> int:
+        path = self._backend.lock_path(role, self.system_name)
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            if not self._abandoned_creation():
+                raise BlockNotFoundError(
+                    self.system_name, f"block {self.system_name!r} is being created or removed"
+                ) from None
+        except OSError as exc:
+            raise exhausted(exc, f"open a lock file of {self.system_name!r}") or exc from None
+        # Its creator died between making the hold file and the others: make the missing
+        # one (unlocked: nobody owns the block), so that the block can be judged and reaped.
+        try:
+            return os.open(path, flags | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise exhausted(exc, f"open a lock file of {self.system_name!r}") or exc from None
+
+    def _abandoned_creation(self) -> bool:
+        """Whether the block exists with a hold file so old that its creation has ended.
+
+        A creator makes every lock file within microseconds of the hold file
+        (:meth:`PortableBackend._make_lock_files`); removal takes the object
+        first, so an object with an old hold file and a missing lock file is a
+        creation cut short (a crash), never one in progress.
+        """
+        try:
+            hold = os.lstat(self._backend.lock_path(HOLD, self.system_name))
+        except OSError:
+            return False
+        recorded = self._inodes.get(HOLD)
+        if recorded is not None and recorded != (hold.st_dev, hold.st_ino):
+            return False
+        if time.time() - hold.st_mtime < ABANDONED_CREATION_SECONDS:
+            return False
+        return self.fd >= 0 and self._backend.names_object(self.system_name, self.fd)
+
     def _fd(self, role: int) -> int:
         fd = self._fds.get(role)
         if fd is None:
-            path = self._backend.lock_path(role, self.system_name)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except FileNotFoundError:
-                raise BlockNotFoundError(
-                    self.system_name, f"block {self.system_name!r} is being removed"
-                ) from None
-            except OSError as exc:
-                raise exhausted(exc, f"open a lock file of {self.system_name!r}") or exc from None
+            fd = self._open_role(role)
             info = os.fstat(fd)
+            if role == HOLD:
+                self._inodes[HOLD] = (info.st_dev, info.st_ino)
+            elif not self._hold_file_unchanged():
+                os.close(fd)
+                raise BlockNotFoundError(
+                    self.system_name, f"block {self.system_name!r} was removed meanwhile"
+                )
             self._fds[role] = fd
             self._inodes[role] = (info.st_dev, info.st_ino)
         return fd
@@ -166,7 +235,8 @@ class _FileLocks:
             self._fds[role] = new
         return ok
 
-    def still_named(self) -> bool:
+    def _hold_file_unchanged(self) -> bool:
+        """Whether the hold file is still the one this object knew (no newer block's)."""
         try:
             info = os.lstat(self._backend.lock_path(HOLD, self.system_name))
         except OSError:
@@ -174,8 +244,14 @@ class _FileLocks:
         recorded = self._inodes.get(HOLD)
         return recorded is None or recorded == (info.st_dev, info.st_ino)
 
+    def still_named(self) -> bool:
+        """Whether the name still names this block: its lock files and its object."""
+        return self._hold_file_unchanged() and (
+            self.fd < 0 or self._backend.names_object(self.system_name, self.fd)
+        )
+
     def remember_hold_file(self) -> None:
-        """Record the hold file's inode without keeping it open (an owner holds no HOLD)."""
+        """Record the hold file's inode without opening it (to remove only that block's files)."""
         if HOLD not in self._inodes:
             with contextlib.suppress(OSError):
                 info = os.lstat(self._backend.lock_path(HOLD, self.system_name))
@@ -221,10 +297,14 @@ class PortableBackend(Backend):
     has_futex: ClassVar[bool] = False
     robust_mutex: ClassVar[bool] = False
     max_name_bytes: ClassVar[int] = MAX_NAME_BYTES
+    lock_files: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._directory: str | None = None
         self._lock_root: str | None = None
+        # system name -> the locked OWNER file of a block open_block just created, until
+        # locks() takes it over.
+        self._new_owners: dict[str, int] = {}
 
     # -- lock files ----------------------------------------------------------------------
 
@@ -255,21 +335,41 @@ class PortableBackend(Backend):
         """The lock file of ``role`` for block ``system_name``."""
         return os.path.join(self.lock_root(), _ROLE_DIRS[role], system_name)
 
-    def _make_lock_files(self, system_name: str) -> None:
-        """Create the lock files of a block just created (replacing stale ones)."""
-        for role in _ROLE_DIRS:
-            path = self.lock_path(role, system_name)
-            for _ in range(3):
-                try:
-                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY | os.O_CLOEXEC, 0o600)
-                except FileExistsError:
-                    # Left by a crash, or by a process still removing an earlier block of this
-                    # name (it removes only the file it knew: not the one made here).
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
-                    continue
-                os.close(fd)
-                break
+    def _make_lock_files(self, system_name: str) -> int:
+        """Create the lock files of a block just created (replacing stale ones).
+
+        Returns a descriptor of the OWNER file, already locked exclusively: the
+        block is owned before a reaper can judge it. The hold file (the listing)
+        is made first and the counter file after the owner is locked, so a
+        reaper that finds the block either cannot open all its files yet (and
+        keeps it) or sees it owned.
+        """
+        owner_fd = -1
+        try:
+            for role in _ROLE_DIRS:  # HOLD, OWNER, COUNTER, DICT
+                fd = self._create_lock_file(self.lock_path(role, system_name))
+                if role == OWNER:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: never blocks
+                    owner_fd = fd
+                else:
+                    os.close(fd)
+        except BaseException:
+            if owner_fd >= 0:
+                os.close(owner_fd)
+            raise
+        return owner_fd
+
+    @staticmethod
+    def _create_lock_file(path: str) -> int:
+        for _ in range(3):
+            try:
+                return os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDONLY | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                # Left by a crash, or by a process still removing an earlier block of this
+                # name (it removes only the file it knew: not the one made here).
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        raise BlockExistsError(path, f"cannot replace the stale lock file {path!r}")
 
     # -- block store ---------------------------------------------------------------------
 
@@ -321,7 +421,7 @@ class PortableBackend(Backend):
             with contextlib.suppress(OSError):  # macOS may refuse it; the object is 0600
                 os.fchmod(fd, 0o600)
             try:
-                self._make_lock_files(system_name)
+                self._new_owners[system_name] = self._make_lock_files(system_name)
             except BaseException:
                 os.close(fd)
                 self._unlink_object(system_name)
@@ -342,6 +442,9 @@ class PortableBackend(Backend):
         # The object first: a crash between the two leaves lock files, which the listing
         # shows and cleanup removes, never an object nobody can find.
         gone = self._unlink_object(system_name)
+        pending = self._new_owners.pop(system_name, None)
+        if pending is not None:  # a creation that failed before its locks were made
+            os.close(pending)
         locks = _FileLocks(self, system_name, writable=False)
         with contextlib.suppress(OSError, UntrustedBlockError):
             locks.remove_files()
@@ -379,12 +482,31 @@ class PortableBackend(Backend):
         except BlockNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "no such block", system_name) from None
 
+    def names_object(self, system_name: str, fd: int) -> bool:
+        """Whether ``system_name`` still names the object open on ``fd`` (not unlinked, not new).
+
+        Compared by device and inode where ``fstat`` gives them; macOS gives 0
+        for both on shared memory, and then only the name's existence is known.
+        """
+        try:
+            other = self.open_block(system_name, create=False, writable=False)
+        except (OSError, UntrustedBlockError):
+            return False
+        try:
+            now, mine = os.fstat(other), os.fstat(fd)
+        finally:
+            os.close(other)
+        return not mine.st_ino or (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
     def forget_stale(self, system_name: str) -> bool:
         """Remove the lock files of a block whose object is gone; ``True`` if it was stale."""
+        locks = _FileLocks(self, system_name, writable=False)
+        # Before looking for the object: a block of this name created meanwhile replaces
+        # the hold file, and then none of its files is removed here.
+        locks.remember_hold_file()
         try:
             fd = self.open_block(system_name, create=False, writable=False)
         except BlockNotFoundError:
-            locks = _FileLocks(self, system_name, writable=False)
             locks.remove_files()
             return True
         except Exception:
@@ -417,7 +539,14 @@ class PortableBackend(Backend):
 
     def locks(self, fd: int, system_name: str, *, writable: bool, created: bool) -> BlockLocks:
         locks = _FileLocks(self, system_name, writable=writable, fd=fd)
-        locks.remember_hold_file()
+        owner = self._new_owners.pop(system_name, None) if created else None
+        try:
+            if owner is not None:
+                locks.adopt(OWNER, owner)
+            locks.open_files()
+        except BaseException:
+            locks.close_lock_files()
+            raise
         return locks
 
     # -- processes and time --------------------------------------------------------------
