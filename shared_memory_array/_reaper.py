@@ -216,7 +216,7 @@ def _judge_open(
     alive = is_alive(header.creator_pid, header.creator_start)
     creator = f"creator pid {header.creator_pid} {'is running' if alive else 'has exited'}"
     state = "pooled" if state_word == _lifetime.STATE_POOLED else "live"
-    if header.portable != (backend.name == "posix"):
+    if header.portable != backend.lock_files:
         other = "portable" if header.portable else "linux"
         return judged(Verdict.KEEP, f"made by the {other} backend: its locks live elsewhere", state)
     closing = state_word == _lifetime.STATE_CLOSING

@@ -150,6 +150,12 @@ class Backend:
     """Whether a dict's lock can be a robust process-shared mutex in the block itself."""
     max_name_bytes: ClassVar[int] = 250
     """Longest system name, in bytes, without the leading slash."""
+    lock_files: ClassVar[bool] = False
+    """Whether the lifetime locks live in lock files beside the blocks, not on the blocks.
+
+    Blocks made this way carry :attr:`~.._header.HeaderFlags.PORTABLE`; a
+    backend of the other kind cannot see their locks, so it never reaps them.
+    """
 
     # -- block store ---------------------------------------------------------------------
 

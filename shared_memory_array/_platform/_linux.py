@@ -176,6 +176,7 @@ class LinuxBackend(Backend):
     has_futex: ClassVar[bool] = _syscall is not None
     robust_mutex: ClassVar[bool] = True
     max_name_bytes: ClassVar[int] = 250  # NAME_MAX (255) of tmpfs, less a margin
+    lock_files: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._directory = SHM_DIR
