@@ -31,7 +31,8 @@ The decision, for one name
    while its creator's pid runs (pid and start time).
 6. An unreadable header: kept while it may still be being created (changed
    less than :data:`UNREADABLE_GRACE` ago, its first bytes name a running
-   creator, or a process has it open or mapped).
+   creator, or a process has it open or mapped: asked of ``/proc`` where the
+   platform has it, else of the locks alone).
 7. A block of the other POSIX backend (its locks live elsewhere): kept.
 8. Otherwise unlinked, after checking that the name still names the file judged.
 
@@ -272,8 +273,10 @@ def _judge_unreadable(
     age = now - max(info.st_mtime, info.st_ctime)
     if age < UNREADABLE_GRACE:
         return keep(f"header unreadable, changed {age:.0f} s ago (may be being created)")
+    # Where the system cannot tell who has a file open or mapped (no /proc), the locks
+    # alone decide: every process of this library holds one on each block it maps.
     in_use_elsewhere = backend.inodes_in_use(judging_fd)
-    if in_use_elsewhere is None or info.st_ino in in_use_elsewhere:
+    if in_use is None or (in_use_elsewhere is not None and info.st_ino in in_use_elsewhere):
         return keep(f"header unreadable, and a process may have it open or mapped: {error}")
     return Judgement(
         name,
