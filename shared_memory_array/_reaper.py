@@ -321,7 +321,9 @@ def _open(name: str) -> tuple[int, BlockLocks, os.stat_result, bool] | Judgement
 
 
 def _not_ours(info: os.stat_result) -> str | None:
-    if not stat.S_ISREG(info.st_mode) and backend.directory is not None:
+    # Any typed entry but a regular file is not a block (macOS's shared-memory objects
+    # have no file type in their mode at all).
+    if stat.S_IFMT(info.st_mode) and not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     uid = backend.uid()
     if uid >= 0 and info.st_uid != uid:

@@ -397,7 +397,9 @@ class PortableBackend(Backend):
                 path = os.path.join(self._directory, system_name)
                 fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
             else:
-                fd = _posixshmem.shm_open("/" + system_name, flags, mode=0o600)
+                # O_NONBLOCK: on Linux a FIFO named like a block must not hang a read-only
+                # open (macOS keeps the flag on the descriptor and has no shm FIFOs).
+                fd = _posixshmem.shm_open("/" + system_name, flags | os.O_NONBLOCK, mode=0o600)
         except FileExistsError:
             raise BlockExistsError(system_name) from None
         except FileNotFoundError:
@@ -528,10 +530,29 @@ class PortableBackend(Backend):
         finally:
             mapping.close()
 
+    def map(
+        self, fd: int, size: int, *, readonly: bool, private: bool, populate: bool
+    ) -> mmap.mmap:
+        """Map a block; a private mapping is a copy in anonymous memory.
+
+        macOS refuses ``MAP_PRIVATE`` on shared memory (``EINVAL``): a private
+        (copy-on-write) view is a copy of the block's bytes made now, not page
+        by page when first written.
+        """
+        if not private:
+            return super().map(fd, size, readonly=readonly, private=False, populate=populate)
+        copy = mmap.mmap(-1, size)  # anonymous and private
+        source = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        try:
+            with memoryview(copy) as target, memoryview(source) as data:
+                target[:] = data
+        finally:
+            source.close()
+        return copy
+
     def trust_error(self, name: str, info: os.stat_result) -> Exception | None:
-        if self._directory is None and not stat.S_ISREG(info.st_mode):
-            # macOS's fstat of shared memory may not say "regular file"; shm_open opens
-            # nothing else (no FIFO, directory or link can be a shm object).
+        if self._directory is None and not stat.S_IFMT(info.st_mode):
+            # macOS's fstat of shared memory gives the permission bits alone, no file type.
             info = os.stat_result((stat.S_IFREG | stat.S_IMODE(info.st_mode), *info[1:]))
         return super().trust_error(name, info)
 
