@@ -33,7 +33,8 @@ The decision, for one name
    less than :data:`UNREADABLE_GRACE` ago, its first bytes name a running
    creator, or a process has it open or mapped: asked of ``/proc`` where the
    platform has it, else of the locks alone).
-7. A block of the other POSIX backend (its locks live elsewhere): kept.
+7. A v2 or v3 block of the other POSIX backend (its locks live elsewhere):
+   kept. (A v1 block has no locks anywhere: rule 5 decides it on every backend.)
 8. Otherwise unlinked, after checking that the name still names the file judged.
 
 Headers are read with ``pread``, never through a mapping: a block cut short by
@@ -217,7 +218,7 @@ def _judge_open(
     alive = is_alive(header.creator_pid, header.creator_start)
     creator = f"creator pid {header.creator_pid} {'is running' if alive else 'has exited'}"
     state = "pooled" if state_word == _lifetime.STATE_POOLED else "live"
-    if header.portable != backend.lock_files:
+    if header.version >= 2 and header.portable != backend.lock_files:  # v1: no locks at all
         other = "portable" if header.portable else "linux"
         return judged(Verdict.KEEP, f"made by the {other} backend: its locks live elsewhere", state)
     closing = state_word == _lifetime.STATE_CLOSING
