@@ -156,6 +156,31 @@ def shield(data: bytearray) -> None:
     struct.pack_into("<QQ", data, area + _lifetime._TICKETS_AT, 1, backend.shared_clock_ns())
 
 
+def block_stat(name: str) -> os.stat_result:
+    """``fstat`` of the block a user calls ``name`` (its mode, owner and size)."""
+    system = backend.system_name(name)
+    fd = backend.open_block(system, create=False, writable=False)
+    try:
+        return backend.fstat(fd)
+    finally:
+        backend.close_descriptor(fd)
+
+
+def unlink_from_outside(name: str) -> None:
+    """Remove a block's name as a program that does not use this library would.
+
+    ``unlink`` of its file where blocks are files; else ``shm_unlink``, which
+    leaves the portable backend's lock files where they are.
+    """
+    system = backend.system_name(name)
+    if backend.directory is not None:
+        os.unlink(os.path.join(backend.directory, system))
+    else:
+        import _posixshmem
+
+        _posixshmem.shm_unlink("/" + system)
+
+
 def remove_block(name: str) -> None:
     """Unlink the block a user calls ``name`` if it is still there."""
     backend.unlink(backend.system_name(name))
