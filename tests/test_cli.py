@@ -91,8 +91,10 @@ def blocks() -> Iterator[list[SharedBlock]]:
 
 @pytest.fixture
 def entries() -> Iterator[list[bytes]]:
-    """Blocks a test makes by hand (nobody maps them), and paths it puts in /dev/shm (links,
-    FIFOs); removed after. Paths are absolute, names are not."""
+    """Blocks a test makes by hand (nobody maps them) and paths it puts in /dev/shm; removed after.
+
+    Paths (links, FIFOs, odd names) are absolute; block names are not.
+    """
     made: list[bytes] = []
     yield made
     for entry in made:
