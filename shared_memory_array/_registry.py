@@ -166,10 +166,9 @@ def _shown_name(judgement: Judgement) -> str:
     this very system name, so a header cannot pass a block off as another.
     """
     header = judgement.header
-    if header is not None and header.name and header.name != judgement.name:
-        if backend.system_name(header.name) == judgement.name:
-            return header.name
-    return judgement.name
+    if header is None or not header.name or header.name == judgement.name:
+        return judgement.name
+    return header.name if backend.system_name(header.name) == judgement.name else judgement.name
 
 
 def _info(judgement: Judgement) -> BlockInfo:

@@ -1,34 +1,78 @@
 """The portable POSIX backend: only what macOS offers.
 
 Selected on POSIX systems other than Linux, and on Linux by
-``SHARED_MEMORY_ARRAY_BACKEND=posix`` (which is how its behaviour is tested
-here). What it does without Linux's extras, and what that changes:
+``SHARED_MEMORY_ARRAY_BACKEND=posix``, under which CI runs the whole test suite
+once more: that is how its behaviour is tested here (never on macOS itself).
+What it does without Linux's extras, and what that changes:
 
 * **No OFD locks.** "Who holds this block" is still asked of the kernel, with
-  ``flock`` on small lock files in a private per-user directory (mode 0700):
-  one file per block and role (``hold/``, ``owner/``, ``counter/``,
-  ``dict/``). ``flock`` locks belong to an open file description, like OFD
-  locks, and the kernel drops them with the holder; ``flock`` cannot ask
-  without taking, so "does anyone else hold it" opens the file afresh and
-  tries an exclusive lock (it is only asked for roles the asker does not hold).
-  A forked child reopens its lock files by path.
+  ``flock`` on small lock files in a private per-user directory: one file per
+  block and role (``hold/``, ``owner/``, ``counter/``, ``dict/``) under
+  ``$SHARED_MEMORY_ARRAY_LOCK_DIR``, else ``<temp dir>/shared_memory_array-<uid>``,
+  then one subdirectory per shared-memory namespace. Every directory is made
+  mode 0700 and refused (:class:`~shared_memory_array.UntrustedBlockError`)
+  when it is not a directory of this user that only this user may enter.
+  ``flock`` locks belong to an open file description, like OFD locks, and the
+  kernel drops them with the holder, whatever kills it. A mapping opens its
+  HOLD, OWNER and COUNTER files when it opens the block and keeps them (three
+  descriptors more per mapping than on Linux), so its locks outlive the
+  block's name as OFD locks do. ``flock`` cannot ask without taking: "does
+  anyone else hold it" opens the file afresh and tries an exclusive lock (only
+  asked for roles the asker does not hold). A forked child reopens its lock
+  files by path; once the block's name is gone it cannot, and goes on sharing
+  its parent's (Linux reopens through ``/proc/self/fd``).
+* **Creation and removal in two steps.** A block is created as an object, then
+  its lock files, the hold file first and the counter file only once the owner
+  file is locked: a reaper that finds a new block either cannot open all its
+  files yet (and keeps it) or sees it owned. Removal takes the object first,
+  then the lock files, hold last. A missing lock file next to a hold file over
+  :data:`ABANDONED_CREATION_SECONDS` old is a creator killed mid-creation: it
+  is made again, unlocked, so that the block can be judged and reaped.
 * **No /dev/shm to list.** The ``hold/`` lock files are the listing. A lock
-  file whose block is gone (a crash between the two removals) is removed by
-  ``cleanup`` and by the reaper.
+  file whose object is gone (a crash between the two removals) is removed by
+  ``cleanup`` and by the reaper. So an object made without this library's
+  lock files (by another program, or by hand in ``/dev/shm`` on Linux) is not
+  listed, and attaching it fails as "being created or removed".
 * **Names of at most 30 bytes** (macOS: 31 with the leading slash). A longer
   name maps to ``sma_~`` + 20 characters of its hash; the full name is kept in
-  the block's header, so ``list``, ``inspect`` and ``attach`` show and take the
-  user's name (and a hash collision is caught by comparing it).
-* **No ``fallocate``, no ``pread``/``pwrite`` on shared memory.** A block is
-  sized once with ``ftruncate`` (macOS allows only one) and read and written
-  through mappings. Its pages are not reserved at creation: where the memory
-  runs out, the kernel's answer comes when a page is first touched (on macOS,
-  paging; on a full Linux tmpfs, SIGBUS, which the Linux backend prevents).
-* **No futex.** Waiting on shared state polls with a bounded back-off (from
-  0.1 ms to :data:`~.._waiting.MAX_POLL_INTERVAL`).
-* **No /proc.** Creator start times are unknown (the pid alone explains who
-  made a block); ``mapped_by`` and ``resident`` are unknown.
+  the block's header, so ``list_blocks``, ``cleanup``, ``inspect`` and
+  ``attach`` show and take the user's name (and a hash collision is caught by
+  comparing it). No name can be undecodable bytes, a symlink, a FIFO or a
+  directory: the odd entries of API.md section 5 cannot occur.
+* **No ``fallocate``, no ``SEEK_HOLE``, no ``pread``/``pwrite`` on shared
+  memory.** A block is sized once with ``ftruncate`` (macOS allows only one)
+  and read and written through mappings. Its pages are not reserved at
+  creation, and there is no filesystem whose free space a request could be
+  compared with: a block the memory cannot hold is not refused up front, and
+  a block whose pages are missing is not found before it is mapped (on macOS
+  the memory is paged; on a full Linux tmpfs a touch is a SIGBUS, which the
+  Linux backend prevents).
+* **No private mappings of shared memory** (macOS refuses ``MAP_PRIVATE`` on
+  it): a copy-on-write view (``attach(private=True)``, ``read(private=True)``)
+  is a copy of the block made when it is mapped, in anonymous memory.
+* **No futex** (:attr:`~._common.Backend.has_futex` is false): waiting on
+  shared state has to poll with a bounded back-off.
+* **No /proc.** Creator start times and process states are unknown: the pid
+  alone says whether a creator runs (a reused pid or a zombie looks alive),
+  and an unreadable block nobody holds a lock on is reaped after its grace
+  even if some other program has it open. ``mapped_by`` and ``resident`` are
+  unknown.
 * **Clock.** ``CLOCK_MONOTONIC``, which on macOS is the same for every process.
+
+What the test suite skips under this backend (``needs(...)`` in
+``tests/conftest.py``): the free-space checks before allocating (2 tests), the
+sparse block refused before it can SIGBUS, odd directory entries and
+undecodable names (3), a zombie creator and a block open without a lock (2).
+
+macOS facts taken from its kernel's source, not checked on a Mac here:
+``fstat`` of a shared-memory object fills in only mode (permission bits, no
+file type), owner, group and size (page-rounded): device, inode and times are
+0. So :meth:`PortableBackend.names_object` can only tell that a name exists,
+and the layers that key blocks by ``(st_dev, st_ino)`` (the owners of
+:mod:`.._lifetime`, the dict's lock) cannot tell two blocks apart there;
+``flock`` works on regular files only, so the dict's lock, which still locks
+the block's own descriptor, fails on macOS (the ``DICT`` role's lock file is
+there for the dict's rewrite).
 """
 
 from __future__ import annotations
