@@ -272,15 +272,17 @@ class LinuxBackend(Backend):
         if populate:
             flags |= mmap.MAP_POPULATE
         prot = mmap.PROT_READ if readonly else mmap.PROT_READ | mmap.PROT_WRITE
-        if sys.version_info >= (3, 13):
-            # No duplicate descriptor at all: the caller's keeps the locks.
-            return mmap.mmap(fd, size, flags=flags, prot=prot, trackfd=False)
-        # mmap keeps a dup of the descriptor it is given for the mapping's life, and a
-        # forked child inherits it: give it a description of its own, which never holds
-        # a lock, so no child can keep one of ours alive.
+        # A mapping holds the open file description it was made from for its whole
+        # life (the kernel's, whatever mmap keeps): made from the locks' description,
+        # it would keep their locks after the locks' descriptor closed (a process at
+        # exit letting go while its views live) and in every forked child. So it gets
+        # a description of its own, which never holds a lock.
         access = os.O_RDONLY if readonly or private else os.O_RDWR
         spare = os.open(f"/proc/self/fd/{fd}", access | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
+            if sys.version_info >= (3, 13):
+                # No duplicate descriptor kept (Python < 3.13 keeps a dup of spare's).
+                return mmap.mmap(spare, size, flags=flags, prot=prot, trackfd=False)
             return mmap.mmap(spare, size, flags=flags, prot=prot)
         finally:
             os.close(spare)
