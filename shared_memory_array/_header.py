@@ -220,7 +220,7 @@ def encode_header(
     variable = struct.pack(f"<{len(shape)}q{len(strides)}q", *shape, *strides)
     header_size = align(FIXED_SIZE + len(variable) + len(descr) + len(extra) + len(encoded_name))
     data_offset = header_size + AREA_SIZE
-    if backend.name == "posix":
+    if backend.lock_files:
         flags |= HeaderFlags.PORTABLE
     pid, start = current_identity() if creator is None else creator
     if block_id is None:

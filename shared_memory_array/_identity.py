@@ -17,6 +17,9 @@ What goes into it, and why
   with its own tmpfs on /dev/shm (a container without ``--ipc=host``) gets
   another identity, while a bind mount of the same tmpfs (``--ipc=host``,
   ``-v /dev/shm:/dev/shm``) keeps it: that is exactly "can attach by name".
+  The portable backend has no such directory; it puts in its lock
+  directory's instead (one per namespace, where its lifetime locks live:
+  processes that do not share it cannot share a block's lifetime).
 * The platform's boot id (random at each boot, not namespaced): device numbers
   are small integers that repeat from host to host and from boot to boot.
 * The effective uid: blocks are created mode 0600 and another user's block is
@@ -37,7 +40,6 @@ have entered another mount namespace before it serialises anything) and after
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Final
 
 from ._platform import backend
@@ -52,14 +54,7 @@ _cached: list[str] = []
 
 
 def _compute() -> str:
-    directory = backend.directory
-    where = "-"
-    if directory is not None:
-        try:
-            info = os.stat(directory)
-            where = f"{directory}:{info.st_dev}:{info.st_ino}"
-        except OSError:
-            pass
+    where = backend.namespace_key()
     text = f"sma-shm:{backend.name}:{backend.uid()}:{where}:{backend.boot_id()}"
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 

@@ -31,8 +31,10 @@ The decision, for one name
    while its creator's pid runs (pid and start time).
 6. An unreadable header: kept while it may still be being created (changed
    less than :data:`UNREADABLE_GRACE` ago, its first bytes name a running
-   creator, or a process has it open or mapped).
-7. A block of the other POSIX backend (its locks live elsewhere): kept.
+   creator, or a process has it open or mapped: asked of ``/proc`` where the
+   platform has it, else of the locks alone).
+7. A v2 or v3 block of the other POSIX backend (its locks live elsewhere):
+   kept. (A v1 block has no locks anywhere: rule 5 decides it on every backend.)
 8. Otherwise unlinked, after checking that the name still names the file judged.
 
 Headers are read with ``pread``, never through a mapping: a block cut short by
@@ -222,7 +224,7 @@ def _judge_open(
     alive = is_alive(header.creator_pid, header.creator_start)
     creator = f"creator pid {header.creator_pid} {'is running' if alive else 'has exited'}"
     state = "pooled" if state_word == _lifetime.STATE_POOLED else "live"
-    if header.portable != (backend.name == "posix"):
+    if header.version >= 2 and header.portable != backend.lock_files:  # v1: no locks at all
         other = "portable" if header.portable else "linux"
         return judged(Verdict.KEEP, f"made by the {other} backend: its locks live elsewhere", state)
     closing = state_word == _lifetime.STATE_CLOSING
@@ -278,8 +280,10 @@ def _judge_unreadable(
     age = now - max(info.st_mtime, info.st_ctime)
     if age < UNREADABLE_GRACE:
         return keep(f"header unreadable, changed {age:.0f} s ago (may be being created)")
+    # Where the system cannot tell who has a file open or mapped (no /proc), the locks
+    # alone decide: every process of this library holds one on each block it maps.
     in_use_elsewhere = backend.inodes_in_use(locks.descriptors())
-    if in_use_elsewhere is None or info.st_ino in in_use_elsewhere:
+    if in_use is None or (in_use_elsewhere is not None and info.st_ino in in_use_elsewhere):
         return keep(f"header unreadable, and a process may have it open or mapped: {error}")
     return Judgement(
         name,
@@ -324,7 +328,9 @@ def _open(name: str) -> tuple[int, BlockLocks, os.stat_result, bool] | Judgement
 
 
 def _not_ours(info: os.stat_result) -> str | None:
-    if not stat.S_ISREG(info.st_mode) and backend.directory is not None:
+    # Any typed entry but a regular file is not a block (macOS's shared-memory objects
+    # have no file type in their mode at all).
+    if stat.S_IFMT(info.st_mode) and not stat.S_ISREG(info.st_mode):
         return "not a regular file"
     uid = backend.uid()
     if uid >= 0 and info.st_uid != uid:
@@ -405,11 +411,11 @@ def _followers(name: str, fd: int, header: Header | None) -> list[str]:
 def _clamp_future_stamps(fd: int, header: Header) -> None:
     """Rewrite stamps from the future (a clock step) as now: no step stretches a grace."""
     offset = header.lifetime_offset
-    if offset is None or header.version < 3 or not backend.positional_io:
+    if offset is None or header.version < 3:
         return
     area = bytearray(backend.read_at(fd, header.area_size, offset))
     if _lifetime.clamp_stamps(area, backend.shared_clock_ns()):
-        backend.write_at(fd, memoryview(area), offset)
+        backend.patch(fd, bytes(area), offset)
 
 
 def block_names() -> list[str]:

@@ -40,6 +40,7 @@ from typing import Final
 from . import _reaper
 from ._block import PREFIX, normalize_name
 from ._header import BlockKind, Header
+from ._platform import backend
 from ._process import is_alive
 from ._reaper import Judgement, Verdict
 from .errors import BlockNotFoundError
@@ -159,11 +160,24 @@ def _reason(judgement: Judgement) -> str:
     return judgement.reason
 
 
+def _shown_name(judgement: Judgement) -> str:
+    """The block's name as ``attach`` takes it: the user's, where the system's stands for it.
+
+    A platform that maps long names to short system names (the portable
+    backend) keeps the user's in the header; it is shown only if it maps to
+    this very system name, so a header cannot pass a block off as another.
+    """
+    header = judgement.header
+    if header is None or not header.name or header.name == judgement.name:
+        return judgement.name
+    return header.name if backend.system_name(header.name) == judgement.name else judgement.name
+
+
 def _info(judgement: Judgement) -> BlockInfo:
     """The public record of one judged block."""
     header, info = judgement.header, judgement.stat
     common = {
-        "name": judgement.name,
+        "name": _shown_name(judgement),
         "size": info.st_size if info is not None else 0,
         "modified": max(info.st_mtime, info.st_ctime) if info is not None else 0.0,
         "owner_uid": info.st_uid if info is not None else -1,
@@ -214,9 +228,12 @@ def _describe(name: str) -> tuple[BlockInfo, Header | None, Judgement]:
     bare = _bare_name(name)
     candidates = [bare] if bare.startswith(PREFIX) else [bare, PREFIX + bare]
     for candidate in candidates:
-        judgement = _reaper.judge(candidate)
-        if judgement.verdict is not Verdict.GONE:
-            return _info(judgement), judgement.header, judgement
+        judgement = _reaper.judge(backend.system_name(candidate))
+        if judgement.verdict is Verdict.GONE:
+            continue
+        if judgement.name != candidate and _shown_name(judgement) != candidate:
+            continue  # another long name's block under the same short system name
+        return _info(judgement), judgement.header, judgement
     raise BlockNotFoundError(bare)
 
 
@@ -238,8 +255,9 @@ def _bare_name(name: str) -> str:
 def list_blocks() -> list[BlockInfo]:
     """Return every block of this library on the system, sorted by name.
 
-    Blocks are found by their name prefix in ``/dev/shm`` (Linux; elsewhere the
-    list is empty: the platform offers no way to enumerate them). A block whose
+    Blocks are found through the platform layer: by their name prefix in
+    ``/dev/shm`` (Linux), by their lock files (the portable backend); where the
+    platform offers no way to enumerate them (Windows) the list is empty. A block whose
     header cannot be read is listed with ``kind="unknown"`` and the reason in
     ``error``; a block removed while the listing runs is left out.
 
@@ -290,12 +308,13 @@ def cleanup(dry_run: bool = False) -> CleanupResult:
             continue
         if judgement.verdict is Verdict.GONE:
             continue
+        shown = _shown_name(judgement)
         if judgement.verdict is Verdict.REAP:
-            result.cleaned.append(name)
+            result.cleaned.append(shown)
             for follower in judgement.followers:  # went with it (a dict's data block)
                 result.cleaned.append(follower)
-                result.reasons[follower] = f"went with {name!r}"
+                result.reasons[follower] = f"went with {shown!r}"
         else:
-            result.skipped.append(name)
-        result.reasons[name] = _reason(judgement)
+            result.skipped.append(shown)
+        result.reasons[shown] = _reason(judgement)
     return result

@@ -5,9 +5,6 @@ from __future__ import annotations
 import struct
 import zlib
 
-from shared_memory_array._lifetime import _ENTRY, _TICKETS_AT
-from shared_memory_array._platform import backend
-
 CHECKSUM_OFFSET = 20
 FIELD_FORMATS = {
     "version": (8, "<H"),
@@ -42,12 +39,3 @@ def with_field(header: bytes, field: str, value: int) -> bytearray:
     raw = bytearray(header)
     struct.pack_into(fmt, raw, offset, value)
     return reseal(raw)
-
-
-def mark_in_flight(data: bytearray, lifetime_offset: int) -> None:
-    """Record one pickled handle in flight, stamped now, in the lifetime area at that offset.
-
-    Other processes' reapers then leave the block alone for their grace (60 s);
-    a reaper with no grace (``SHARED_MEMORY_ARRAY_HANDOFF_GRACE=0``) sees a plain orphan.
-    """
-    _ENTRY.pack_into(data, lifetime_offset + _TICKETS_AT, 1, backend.shared_clock_ns())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import pickle
 import stat
 from multiprocessing.managers import SharedMemoryManager, SyncManager
@@ -11,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import block_stat
 
 from shared_memory_array import (
     BlockNotFoundError,
@@ -304,7 +304,7 @@ def test_managed_and_with_close_on_exit() -> None:
 def test_array_block_is_owner_only() -> None:
     """Array blocks are created readable and writable by their owner only (0600)."""
     with SharedArray.allocate(None, 3) as sa:
-        mode = os.stat(f"/dev/shm/{sa.name}").st_mode
+        mode = block_stat(sa.name).st_mode
         assert stat.S_IMODE(mode) == 0o600
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import block_stat, needs
 
 from shared_memory_array import (
     AllocationError,
@@ -23,9 +24,6 @@ from shared_memory_array._reaper import exit_hook
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
-SHM = "/dev/shm"
-linux_only = pytest.mark.skipif(not os.path.isdir(SHM), reason="needs /dev/shm")
-
 
 @pytest.fixture
 def block() -> Iterator[SharedBlock]:
@@ -36,10 +34,9 @@ def block() -> Iterator[SharedBlock]:
     created.unlink()
 
 
-@linux_only
 def test_create_makes_owner_only_block_with_library_prefix(block: SharedBlock) -> None:
     """A created block is a 0600 file named with the library prefix, short enough for macOS."""
-    info = os.stat(os.path.join(SHM, block.name))
+    info = block_stat(block.name)
     assert stat.S_IMODE(info.st_mode) == 0o600
     assert block.name.startswith(PREFIX)
     assert len("/" + block.name) <= 30
@@ -142,10 +139,10 @@ def test_readonly_attach_refuses_writes(block: SharedBlock) -> None:
         reader.close()
 
 
-@linux_only
+@needs("free_space")
 def test_block_larger_than_dev_shm_raises_allocation_error() -> None:
     """A block that cannot fit in /dev/shm fails at once with AllocationError, leaving nothing."""
-    fs = os.statvfs(SHM)
+    fs = os.statvfs("/dev/shm")
     if fs.f_blocks == 0:
         pytest.skip("/dev/shm has no size limit here")
     too_big = fs.f_blocks * fs.f_frsize + (1 << 30)

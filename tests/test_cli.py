@@ -19,7 +19,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _header_tools import mark_in_flight
+from conftest import (
+    block_exists,
+    dead_identity,
+    has,
+    make_unheld_block,
+    needs,
+    remove_block,
+    shield,
+)
 
 import shared_memory_array as sma
 from shared_memory_array import __main__ as cli
@@ -30,10 +38,8 @@ from shared_memory_array._header import (
     BlockKind,
     HeaderFlags,
     encode_header,
-    encoded_identity,
 )
 from shared_memory_array._platform import backend
-from shared_memory_array._process import current_identity
 
 TIMEOUT = 60
 HELPER = Path(__file__).with_name("_children_registry.py")
@@ -85,12 +91,17 @@ def blocks() -> Iterator[list[SharedBlock]]:
 
 @pytest.fixture
 def entries() -> Iterator[list[bytes]]:
-    """Paths a test puts in /dev/shm by hand (files nobody maps, links, FIFOs); removed after."""
+    """Blocks a test makes by hand (nobody maps them) and paths it puts in /dev/shm; removed after.
+
+    Paths (links, FIFOs, odd names) are absolute; block names are not.
+    """
     made: list[bytes] = []
     yield made
-    for path in made:
-        if os.path.lexists(path):
-            os.unlink(path)
+    for entry in made:
+        if not entry.startswith(b"/"):
+            remove_block(os.fsdecode(entry))
+        elif os.path.lexists(entry):
+            os.unlink(entry)
 
 
 def make_block(made: list[SharedBlock], content: bytes, size: int = 8192) -> SharedBlock:
@@ -101,13 +112,18 @@ def make_block(made: list[SharedBlock], content: bytes, size: int = 8192) -> Sha
 
 
 def write_orphan(made: list[bytes], content: bytes, name: bytes | None = None) -> str:
-    """A block file nobody maps, shielded from other processes' reapers (see test_registry)."""
-    raw_name = name if name is not None else new_name().encode()
+    """A block nobody maps, shielded from other processes' reapers (see test_registry).
+
+    With a ``name`` (bytes, perhaps not UTF-8) it is a file written in /dev/shm by hand.
+    """
     data = bytearray(8192)
     data[: len(content)] = content
     if content.startswith(MAGIC):
-        _, lifetime = encoded_identity(content)
-        mark_in_flight(data, lifetime)
+        shield(data)
+    if name is None:
+        made.append(make_unheld_block(bytes(data)).encode())
+        return os.fsdecode(made[-1])
+    raw_name = name
     path = b"/dev/shm/" + raw_name
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     made.append(path)
@@ -116,6 +132,10 @@ def write_orphan(made: list[bytes], content: bytes, name: bytes | None = None) -
     finally:
         os.close(fd)
     return os.fsdecode(raw_name)
+
+
+# The flags of array_header(): the portable backend marks its blocks.
+FLAGS = ["F_ORDER", "READY", *(["PORTABLE"] if backend.lock_files else [])]
 
 
 def array_header(creator: tuple[int, int] | None = None) -> bytes:
@@ -130,18 +150,13 @@ def array_header(creator: tuple[int, int] | None = None) -> bytes:
     )
 
 
-def dead_creator() -> tuple[int, int]:
-    pid, start = current_identity()
-    return pid, start + 1  # this pid, another start time: a reused pid
-
-
 def line_of(output: str, name: str) -> list[str]:
     (line,) = [line for line in output.splitlines() if line.startswith(name)]
     return line.split()
 
 
 def exists(name: str) -> bool:
-    return os.path.lexists(os.path.join(b"/dev/shm", os.fsencode(name)))
+    return block_exists(name) or os.path.lexists(os.path.join(b"/dev/shm", os.fsencode(name)))
 
 
 # -- help and usage --------------------------------------------------------------------
@@ -182,7 +197,8 @@ def test_list_prints_one_greppable_line_per_block(
     blocks: list[SharedBlock], entries: list[bytes]
 ) -> None:
     """``list``: a header, then name, kind, one-word size, state, in use, creator, alive, note."""
-    held = make_block(blocks, array_header(creator=dead_creator()), size=3 * 2**20)
+    dead = dead_identity()
+    held = make_block(blocks, array_header(creator=dead), size=3 * 2**20)
     orphan = write_orphan(entries, array_header())
     bad = make_block(blocks, b"garbage", size=100)
     ran = run_cli("list", env=NO_GRACE)
@@ -198,7 +214,7 @@ def test_list_prints_one_greppable_line_per_block(
         "3.0MiB",
         "live",
         "yes",
-        pid,
+        str(dead[0]),
         "no",
     ]
     assert line_of(ran.stdout, orphan) == [orphan, "array", "8.0KiB", "orphan", "no", pid, "yes"]
@@ -277,10 +293,12 @@ def test_inspect_decodes_the_header(blocks: list[SharedBlock]) -> None:
     assert fields["shape"] == "(2, 3)"
     assert fields["strides"] == "(2, 4)"
     assert fields["dtype"] == "int16"
-    assert fields["flags"] == "F_ORDER, READY"
+    assert fields["flags"] == ", ".join(FLAGS)
     assert fields["creator_pid"] == str(os.getpid())
     assert fields["creator_alive"] == "yes"
     assert fields["version"].split()[0] == "3"
+    if not has("process_table"):
+        return  # no start time to show
     started = datetime.datetime.strptime(fields["creator_started"], "%Y-%m-%dT%H:%M:%SZ")
     started = started.replace(tzinfo=datetime.timezone.utc)
     boot = cli._boot_time()
@@ -290,7 +308,7 @@ def test_inspect_decodes_the_header(blocks: list[SharedBlock]) -> None:
 
 def test_inspect_json_has_stable_keys(blocks: list[SharedBlock]) -> None:
     """``inspect NAME --json``: the list record plus the decoded header, sizes in bytes."""
-    block = make_block(blocks, array_header(creator=dead_creator()))
+    block = make_block(blocks, array_header(creator=dead_identity()))
     ran = run_cli("inspect", block.name, "--json")
     assert ran.returncode == 0, ran.stderr
     record = json.loads(ran.stdout)
@@ -300,7 +318,7 @@ def test_inspect_json_has_stable_keys(blocks: list[SharedBlock]) -> None:
     }  # fmt: skip
     assert (record["name"], record["size"], record["nbytes"]) == (block.name, 8192, 12)
     assert (record["state"], record["in_use"], record["creator_alive"]) == ("live", True, False)
-    assert (record["verdict"], record["flags"]) == ("keep", ["F_ORDER", "READY"])
+    assert (record["verdict"], record["flags"]) == ("keep", FLAGS)
     assert (record["shape"], record["strides"], record["in_flight"]) == ([2, 3], [2, 4], 0)
     assert len(bytes.fromhex(record["block_id"])) == 16
 
@@ -364,7 +382,7 @@ def test_inspect_invalid_name_is_one_line_error() -> None:
 def test_cleanup_dry_run_reports_and_keeps(blocks: list[SharedBlock], entries: list[bytes]) -> None:
     """``cleanup --dry-run`` names the orphan it would clean and the held block; unlinks nothing."""
     orphan = write_orphan(entries, array_header())
-    held = make_block(blocks, array_header(creator=dead_creator()))
+    held = make_block(blocks, array_header(creator=dead_identity()))
     ran = run_cli(
         "cleanup", "--dry-run", "--verbose", helper_scope=[orphan, held.name], env=NO_GRACE
     )
@@ -380,7 +398,7 @@ def test_cleanup_removes_orphans_and_prints_summary(
 ) -> None:
     """``cleanup`` unlinks the orphan, keeps the held block, and ends with a summary."""
     orphan = write_orphan(entries, array_header())
-    held = make_block(blocks, array_header(creator=dead_creator()))
+    held = make_block(blocks, array_header(creator=dead_identity()))
     ran = run_cli("cleanup", helper_scope=[orphan, held.name], env=NO_GRACE)
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines() == [f"cleaned {orphan}", "1 cleaned, 0 failed, 1 skipped"]
@@ -404,11 +422,11 @@ def test_cleanup_failure_exits_1(
     monkeypatch.setenv(_lifetime.GRACE_ENV, "0")
     monkeypatch.setattr(_registry, "_block_names", lambda: [orphan])
 
-    def refuse(path: object, *args: object, **kwargs: object) -> None:
+    def refuse(system_name: str) -> bool:
         raise PermissionError(1, "Operation not permitted")
 
     with monkeypatch.context() as patch:
-        patch.setattr(os, "unlink", refuse)
+        patch.setattr(backend, "unlink", refuse)
         status = cli.main(["cleanup", "--quiet"])
     assert status == 1
     captured = capsys.readouterr()
@@ -428,6 +446,7 @@ def test_the_cli_reaps_nothing_at_exit(entries: list[bytes]) -> None:
 # -- odd entries (API.md section 5, v2) -------------------------------------------------
 
 
+@needs("block_files")
 def test_odd_entries_never_crash_the_cli(entries: list[bytes], blocks: list[SharedBlock]) -> None:
     """Undecodable names, symlinks, FIFOs: every command reports them, none prints a traceback."""
     tag = new_name()[len(PREFIX) :].encode()

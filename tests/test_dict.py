@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _children_dict import Point, Tagged
+from conftest import block_exists
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -315,12 +316,12 @@ def test_block_name_carries_prefix_and_attach_takes_either() -> None:
     name = unique_name()
     with SharedDict.create(name, max_items=4, heap_size=4096) as d:
         assert d.block_name == PREFIX + name
-        assert os.path.exists(f"/dev/shm/{PREFIX}{name}")
+        assert block_exists(PREFIX + name)
         d["k"] = "v"
         for alias in (name, PREFIX + name):
             with SharedDict.attach(alias) as other:
                 assert other["k"] == "v"
-    assert not os.path.exists(f"/dev/shm/{PREFIX}{name}")
+    assert not block_exists(PREFIX + name)
 
 
 def test_create_existing_name_raises() -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import needs
 
 from shared_memory_array import SharedArray, read, release, write
 
@@ -52,6 +53,7 @@ def test_a_private_attach_is_writable_and_its_writes_stay_here(shared: SharedArr
         private.close()
 
 
+@needs("copy_on_write")
 def test_a_private_view_sees_the_pages_it_did_not_write_change(shared: SharedArray) -> None:
     """Pages a private view never wrote are still shared: later writes by others show."""
     private = SharedArray.attach(shared.name, private=True)

@@ -40,12 +40,20 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _header_tools import mark_in_flight
+from conftest import (
+    block_exists,
+    dead_identity,
+    library_blocks,
+    make_unheld_block,
+    needs,
+    remove_block,
+)
+from conftest import shield as shield_in_flight
 
 import shared_memory_array as sma
 from shared_memory_array import _lifetime, _reaper, _registry
 from shared_memory_array._block import PREFIX, SharedBlock, new_name, unlink_block
-from shared_memory_array._header import BlockKind, encode_header, encoded_identity
+from shared_memory_array._header import BlockKind, encode_header
 from shared_memory_array._platform import backend
 from shared_memory_array._process import current_identity
 
@@ -111,12 +119,15 @@ def shielded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def write_block(scope: set[str]) -> Iterator[WriteBlock]:
-    """Write block files by hand (``os.open``: nobody maps them) in scope; remove them after.
+    """Make blocks by hand (nobody maps them) in scope; remove them after.
 
     ``shield``: mark a handle of it pickled just now, so that other processes
     leave the block alone for their 60 s grace (see the module docstring).
+    A ``bytes`` name (one that is not UTF-8) is written as a file of the
+    blocks' directory, where the backend has one.
     """
     written: list[bytes] = []
+    made: list[str] = []
 
     def write(
         content: bytes,
@@ -126,12 +137,15 @@ def write_block(scope: set[str]) -> Iterator[WriteBlock]:
         shield: bool = True,
         uid: int | None = None,
     ) -> str:
-        raw_name = os.fsencode(name if name is not None else new_name())
         data = bytearray(max(size, len(content)))
         data[: len(content)] = content
         if shield:
-            _, lifetime = encoded_identity(content)
-            mark_in_flight(data, lifetime)
+            shield_in_flight(data)
+        if not isinstance(name, bytes):
+            made.append(make_unheld_block(bytes(data), name=name, uid=uid))
+            scope.add(backend.system_name(made[-1]))
+            return made[-1]
+        raw_name = name
         path = os.path.join(os.fsencode(SHM), raw_name)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         written.append(path)
@@ -149,22 +163,20 @@ def write_block(scope: set[str]) -> Iterator[WriteBlock]:
     for path in written:
         if os.path.lexists(path):
             os.unlink(path)
+    for made_name in made:
+        remove_block(made_name)
 
 
-def _header(kind: BlockKind = BlockKind.CODEC, creator: tuple[int, int] | None = None) -> bytes:
+def _header(
+    kind: BlockKind = BlockKind.CODEC, creator: tuple[int, int] | None = None, name: str = ""
+) -> bytes:
     dtype = np.dtype("<f4") if kind == BlockKind.ARRAY else None
     layout = {"dtype": dtype, "shape": (3, 4), "strides": (16, 4)} if dtype else {}
-    return encode_header(kind, nbytes=48, creator=creator, **layout)  # type: ignore[arg-type]
-
-
-def _dead_identity() -> tuple[int, int]:
-    """An identity whose process is gone: this pid with another start time (a reused pid)."""
-    pid, start = current_identity()
-    return pid, start + 1
+    return encode_header(kind, nbytes=48, creator=creator, name=name, **layout)  # type: ignore[arg-type]
 
 
 def _exists(name: str) -> bool:
-    return os.path.lexists(os.path.join(os.fsencode(SHM), os.fsencode(name)))
+    return block_exists(name)
 
 
 def _infos() -> dict[str, sma.BlockInfo]:
@@ -354,7 +366,7 @@ def test_describe_block_accepts_slash_and_short_names(make_block: MakeBlock) -> 
 
 
 CREATORS = {
-    "reused pid": _dead_identity(),
+    "dead pid": dead_identity(),
     "pid 0": (0, 0),
     "pid beyond pid_t": (2**31, 0),
     "pid 2**32-1": (2**32 - 1, 0),
@@ -393,6 +405,7 @@ def test_unheld_block_is_an_orphan_whatever_its_creator_pid(
     assert not _exists(name)
 
 
+@needs("process_table")
 def test_zombie_creator_is_shown_dead_and_decides_nothing(make_block: MakeBlock) -> None:
     """A creator that exited, not yet reaped (a zombie), shows as dead; its held block stays."""
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -560,7 +573,7 @@ def test_v1_block_of_a_running_creator_is_kept(write_block: WriteBlock) -> None:
 
 def test_v1_block_of_a_dead_creator_is_cleaned(write_block: WriteBlock) -> None:
     """A format v1 block nobody maps whose creator has exited is an orphan and goes."""
-    name = write_block(_v1_header(_dead_identity()), shield=False)
+    name = write_block(_v1_header(dead_identity()), shield=False)
     _present_or_skip(name)
     (info,) = sma.list_blocks()
     assert (info.state, info.in_use, info.creator_alive) == ("orphan", False, False)
@@ -571,7 +584,7 @@ def test_v1_block_of_a_dead_creator_is_cleaned(write_block: WriteBlock) -> None:
 
 def test_v1_block_mapped_here_is_kept_although_its_creator_died(make_block: MakeBlock) -> None:
     """A v1 block this version maps holds its lock: kept, whatever the v1 pid rule says."""
-    block = make_block(content=_v1_header(_dead_identity()))
+    block = make_block(content=_v1_header(dead_identity()))
     (info,) = sma.list_blocks()
     assert (info.state, info.in_use, info.creator_alive) == ("live", True, False)
     assert sma.cleanup().skipped == [block.name]
@@ -610,13 +623,14 @@ def test_unreadable_block_in_use_is_kept(
     assert "a process holds it" in result.reasons[block.name]
 
 
+@needs("process_table")
 def test_unreadable_block_open_elsewhere_is_kept(
     write_block: WriteBlock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An old unreadable block that a process has open (not mapped, no lock) is never removed."""
     monkeypatch.setattr(_reaper, "UNREADABLE_GRACE", 0.0)
     name = write_block(b"garbage", shield=False)
-    fd = os.open(os.path.join(SHM, name), os.O_RDONLY)
+    fd = backend.open_block(name, create=False, writable=False)
     try:
         result = sma.cleanup()
         assert result.skipped == [name]
@@ -649,7 +663,7 @@ OTHER_UID = 65534  # nobody
 @pytest.mark.usefixtures("shielded")
 def test_another_users_block_is_never_touched(write_block: WriteBlock) -> None:
     """Another uid's block that nobody maps, of a dead creator, is skipped and left in place."""
-    name = write_block(_header(creator=_dead_identity()), uid=OTHER_UID)
+    name = write_block(_header(creator=dead_identity()), uid=OTHER_UID)
     (info,) = sma.list_blocks()
     assert (info.owner_uid, info.in_use) == (OTHER_UID, None)
     result = sma.cleanup()
@@ -663,13 +677,12 @@ def test_a_replaced_block_is_not_unlinked(
 ) -> None:
     """If a judged orphan is replaced by a new block of the same name, the new one survives."""
     name = write_block(_header())
-    path = os.path.join(SHM, name)
     real_judge = _reaper._judge_open
     replacement: list[SharedBlock] = []
 
     def judge_then_replace(*args: Any, **kwargs: Any) -> _reaper.Judgement:
         judgement = real_judge(*args, **kwargs)
-        os.unlink(path)
+        remove_block(name)
         replacement.append(SharedBlock.create(4096, name=name))
         return judgement
 
@@ -689,15 +702,15 @@ def test_unlink_failure_is_reported(
 ) -> None:
     """An unlink that raises puts the block in ``failed`` with the reason; nothing else stops."""
     first, second = write_block(_header()), write_block(_header())
-    real_unlink = os.unlink
+    real_unlink = backend.unlink
 
-    def refuse_first(path: Any, *args: Any, **kwargs: Any) -> None:
-        if os.fsdecode(path).endswith(first):
+    def refuse_first(system_name: str) -> bool:
+        if system_name == first:
             raise PermissionError(1, "Operation not permitted")
-        real_unlink(path, *args, **kwargs)
+        return real_unlink(system_name)
 
     with monkeypatch.context() as patch:
-        patch.setattr(os, "unlink", refuse_first)
+        patch.setattr(backend, "unlink", refuse_first)
         result = sma.cleanup()
     assert (result.cleaned, result.failed) == ([second], [first])
     assert "Operation not permitted" in result.reasons[first]
@@ -707,6 +720,7 @@ def test_unlink_failure_is_reported(
 # -- odd entries named like blocks (API.md section 5, v2) ------------------------------
 
 
+@needs("block_files")
 def test_odd_entries_are_listed_and_skipped_never_followed(
     write_block: WriteBlock, make_block: MakeBlock, scope: set[str], shielded: None
 ) -> None:
@@ -744,6 +758,7 @@ def test_odd_entries_are_listed_and_skipped_never_followed(
             (os.rmdir if entries[name] == "a directory" else os.unlink)(path)
 
 
+@needs("block_files")
 def test_undecodable_names_are_listed_and_judged(write_block: WriteBlock, shielded: None) -> None:
     """Names that are not UTF-8 (and encoded surrogates) are listed and cleaned like any block."""
     tag = new_name()[len(PREFIX) :].encode()
@@ -763,7 +778,8 @@ def test_undecodable_names_are_listed_and_judged(write_block: WriteBlock, shield
 
 def test_long_non_ascii_name_is_listed(write_block: WriteBlock, shielded: None) -> None:
     """A 254-byte name (125 two-byte characters; NAME_MAX is 255) is listed, described, cleaned."""
-    name = write_block(_header(), name=PREFIX + "é" * 125)
+    name = PREFIX + "é" * 125
+    write_block(_header(name=name), name=name)
     (info,) = sma.list_blocks()
     assert (info.name, info.state) == (name, "orphan")
     assert _registry.describe_block(name)[0].name == name
@@ -798,7 +814,7 @@ def _report_of(child: BaseProcess, queue: Queue[dict[str, Any]]) -> dict[str, An
 def _blocks_created_by(pid: int) -> set[str]:
     """Names of every block on the system whose header names ``pid`` as its creator."""
     found = set()
-    for name in os.listdir(SHM):
+    for name in library_blocks():
         if name.startswith(PREFIX):
             try:
                 info, _ = _registry.describe_block(name)

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ import numpy as np
 import pytest
 from _children_lifetimes import make_array
 from _children_reliability import owns, sum_after, sum_of
+from conftest import needs
 
 from shared_memory_array import (
     BlockNotFoundError,
@@ -44,6 +46,7 @@ from shared_memory_array import (
     release,
     write,
 )
+from shared_memory_array._platform._posix import LOCK_DIR_ENV
 
 TIMEOUT = 60
 SHM = "/dev/shm"
@@ -178,6 +181,7 @@ def _in_private_tmpfs(script: str, *, size: str) -> object:
 # -- 1. the reaper and a sparse orphan on a full /dev/shm ------------------------------------
 
 
+@needs("reserved_pages")
 def test_a_sparse_orphan_on_a_full_shm_never_kills_the_reaper() -> None:
     """A headerless all-holes block on a full /dev/shm: list, cleanup, CLI, allocate all live."""
     results = _in_private_tmpfs(
@@ -247,6 +251,7 @@ def test_a_sparse_orphan_on_a_full_shm_never_kills_the_reaper() -> None:
 # -- 2. the page check cannot be fooled by pages reserved past the end -----------------------
 
 
+@needs("reserved_pages")
 def test_pages_reserved_past_the_end_do_not_hide_a_hole() -> None:
     """A valid header over a payload that is one hole, pages reserved past EOF: LayoutError."""
     results = _in_private_tmpfs(
@@ -510,6 +515,9 @@ def _made_by_nobody() -> Iterator[tuple[bytes, str]]:
         pytest.skip("needs root (to run a process as another user)")
     if not os.stat(SHM).st_mode & 0o002:
         pytest.skip(f"{SHM} is not writable by other users (mode 1777 is the usual)")
+    # Lock files (the portable backend) go where nobody may make its private directory.
+    lock_dir = tempfile.mkdtemp(prefix="sma-nobody-")
+    os.chown(lock_dir, NOBODY, NOBODY)
     made_r, made_w = os.pipe()
     gate_r, gate_w = os.pipe()
     pid = os.fork()
@@ -521,6 +529,7 @@ def _made_by_nobody() -> Iterator[tuple[bytes, str]]:
             os.setgroups([])
             os.setgid(NOBODY)
             os.setuid(NOBODY)
+            os.environ[LOCK_DIR_ENV] = os.path.join(lock_dir, "locks")
             _codec.configure(pool_bytes=0)  # release() frees the block at once
             array = SharedArray.copy(None, np.arange(10.0))
             token = write(np.arange(1000.0), threshold=0)
@@ -542,6 +551,7 @@ def _made_by_nobody() -> Iterator[tuple[bytes, str]]:
     finally:
         os.close(gate_w)
         _, status = os.waitpid(pid, 0)
+        shutil.rmtree(lock_dir, ignore_errors=True)
         assert os.waitstatus_to_exitcode(status) == 0
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs, remove_block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +37,7 @@ from shared_memory_array import (
 )
 from shared_memory_array._block import PREFIX, SharedBlock, new_name
 from shared_memory_array._header import BlockKind, encode_header
+from shared_memory_array._platform import backend
 
 SHM = "/dev/shm"
 TIMEOUT = 60
@@ -59,10 +61,14 @@ def planted() -> Iterator[Path]:
     yield path
     if path.is_symlink() or path.is_file():
         path.unlink()
+    remove_block(path.name)  # what the platform keeps beside it (lock files)
 
 
 def _plant(path: Path, content: bytes, *, mode: int = 0o600, size: int | None = None) -> None:
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode)
+    """Make a block through the platform layer (nobody holds it), then shape its file by hand."""
+    fd = backend.open_block(path.name, create=True, writable=True)
+    backend.locks(fd, path.name, writable=True, created=True).close()
+    fd = os.open(path, os.O_RDWR)
     try:
         os.fchmod(fd, mode)  # the umask must not soften the mode under test
         os.ftruncate(fd, size if size is not None else len(content))
@@ -109,6 +115,7 @@ def test_untrusted_check_is_on_the_descriptor(planted: Path) -> None:
         trusted.close()
 
 
+@needs("reserved_pages")
 def test_a_sparse_block_is_refused_before_it_can_sigbus(planted: Path) -> None:
     """A valid header over unreserved pages (a hole bigger than /dev/shm) raises LayoutError."""
     header = encode_header(
@@ -351,6 +358,7 @@ def test_allocate_unsafe_with_a_negative_dimension_raises_a_clear_error(
         SharedArray.allocate_unsafe(None, bad, "f8")
 
 
+@needs("free_space")
 def test_allocation_error_from_full_dev_shm_leaves_no_block() -> None:
     """A block too big for /dev/shm raises AllocationError and leaves nothing behind."""
     fs = os.statvfs(SHM)

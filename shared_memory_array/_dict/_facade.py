@@ -469,7 +469,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
                 )
             start = header.data_offset + MUTEX_OFFSET
             return MutexLock(block.buf[start : start + MUTEX_SIZE])
-        return FileLock(backend.fresh_locks(block.fileno(), block.system_name))
+        return FileLock(backend.fresh_locks(block.hold.locks, block.system_name))
 
     def _use_data(self, data: DataBlock) -> None:
         """Work on ``data`` from now on (at setup, and after a growth step)."""

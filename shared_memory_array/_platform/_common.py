@@ -149,8 +149,16 @@ class Backend:
     """Whether waiting on a shared word sleeps in the kernel (else a bounded back-off poll)."""
     robust_mutex: ClassVar[bool] = False
     """Whether a dict's lock can be a robust process-shared mutex in the block itself."""
+    copy_on_write: ClassVar[bool] = True
+    """Whether a private mapping shares the pages it has not written (else it is a copy)."""
     max_name_bytes: ClassVar[int] = 250
     """Longest system name, in bytes, without the leading slash."""
+    lock_files: ClassVar[bool] = False
+    """Whether the lifetime locks live in lock files beside the blocks, not on the blocks.
+
+    Blocks made this way carry :attr:`~.._header.HeaderFlags.PORTABLE`; a
+    backend of the other kind cannot see their locks, so it never reaps them.
+    """
 
     # -- block store ---------------------------------------------------------------------
 
@@ -158,6 +166,21 @@ class Backend:
     def directory(self) -> str | None:
         """The directory whose files are the blocks, ``None`` for a shm namespace."""
         return None
+
+    def namespace_key(self) -> str:
+        """What tells this shared-memory namespace from others of the same boot, ``"-"`` if nothing.
+
+        The blocks' directory's device and inode where blocks are files: a
+        private tmpfs (a container without ``--ipc=host``) is another device.
+        """
+        directory = self.directory
+        if directory is None:
+            return "-"
+        try:
+            info = os.stat(directory)
+        except OSError:
+            return "-"
+        return f"{directory}:{info.st_dev}:{info.st_ino}"
 
     def configure_directory(self, path: str | None) -> None:
         """Put new blocks in ``path`` (a memory filesystem), ``None`` for the system's place."""
@@ -234,6 +257,17 @@ class Backend:
             data = data[written:]
             offset += written
         return True
+
+    def patch(self, fd: int, data: bytes, offset: int) -> None:
+        """Write a few bytes at ``offset``: positionally, or through a brief mapping."""
+        if self.write_at(fd, memoryview(data), offset):
+            return
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(fd, offset + len(data) - start, offset=start)
+        try:
+            mapping[offset - start : offset - start + len(data)] = data
+        finally:
+            mapping.close()
 
     def resize(self, fd: int, size: int) -> None:
         """Set a new block's size (``ftruncate``; once only on some systems)."""
@@ -328,8 +362,13 @@ class Backend:
         """
         raise NotImplementedError
 
-    def fresh_locks(self, fd: int, system_name: str) -> BlockLocks:
-        """Locks of a new open description of the block open on ``fd`` (a dict's own lock)."""
+    def fresh_locks(self, locks: BlockLocks, system_name: str) -> BlockLocks:
+        """Locks of new open descriptions of the block ``locks`` lock (a dict's own lock).
+
+        They lock that very block for as long as they live, even after its name
+        is removed or given to a new block; :class:`BlockNotFoundError` if it
+        already was.
+        """
         raise NotImplementedError(f"the {self.name} backend cannot lock a dict")
 
     # -- processes -----------------------------------------------------------------------

@@ -253,6 +253,7 @@ class LinuxBackend(Backend):
     has_futex: ClassVar[bool] = _syscall is not None
     robust_mutex: ClassVar[bool] = _pthread is not None
     max_name_bytes: ClassVar[int] = 250  # NAME_MAX (255) of tmpfs, less a margin
+    lock_files: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._directory = SHM_DIR
@@ -385,9 +386,9 @@ class LinuxBackend(Backend):
     def locks(self, fd: int, system_name: str, *, writable: bool, created: bool) -> BlockLocks:
         return _OFDLocks(fd, self._path(system_name), writable=writable)
 
-    def fresh_locks(self, fd: int, system_name: str) -> BlockLocks:
+    def fresh_locks(self, locks: BlockLocks, system_name: str) -> BlockLocks:
         """OFD locks of a new description of the very file (``/proc/self/fd``)."""
-        new = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        new = os.open(f"/proc/self/fd/{locks.fd}", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         return _OFDLocks(new, self._path(system_name), writable=True)
 
     # -- processes -----------------------------------------------------------------------

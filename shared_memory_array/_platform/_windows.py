@@ -94,6 +94,7 @@ class WindowsBackend(Backend):
     """Named file mappings on the paging file (untested: see the module docstring)."""
 
     name: ClassVar[str] = "windows"
+    lock_files: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._mappings: dict[int, _Mapping] = {}
