@@ -35,6 +35,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -47,8 +48,20 @@ typedef PyObject *(*fastcall_t)(PyObject *, PyObject *const *, Py_ssize_t);
 
 /* -- shared words -------------------------------------------------------------------------- */
 
+/* Tests only (kill_after_stores): SIGKILL this process at the n-th shared word store from now,
+ * to show that a process killed at any store of a step leaves a block the next taker repairs. */
+static long kill_countdown = 0;
+
+static void kill_tick(void) {
+    if (--kill_countdown == 0) kill(getpid(), SIGKILL);
+}
+
 #define LOAD(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE(p, v)                                                   \
+    do {                                                              \
+        __atomic_store_n((p), (v), __ATOMIC_RELEASE);                 \
+        if (__builtin_expect(kill_countdown != 0, 0)) kill_tick();    \
+    } while (0)
 
 static inline unsigned bit_length(uint64_t x) { return x ? 64u - (unsigned)__builtin_clzll(x) : 0u; }
 
@@ -1347,7 +1360,16 @@ static PyObject *py_open_block(PyObject *Py_UNUSED(module), PyObject *const *arg
     return Py_BuildValue("(iNNi)", fd, fields, header, locked);
 }
 
+/* kill_after_stores(n): tests only, see kill_countdown (0 turns it off). */
+static PyObject *py_kill_after_stores(PyObject *Py_UNUSED(module), PyObject *count) {
+    long value = PyLong_AsLong(count);
+    if (value == -1 && PyErr_Occurred()) return NULL;
+    kill_countdown = value;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"kill_after_stores", py_kill_after_stores, METH_O, NULL},
     {"heap_alloc", FASTCALL(py_heap_alloc), METH_FASTCALL, NULL},
     {"heap_free", FASTCALL(py_heap_free), METH_FASTCALL, NULL},
     {"heap_extend", FASTCALL(py_heap_extend), METH_FASTCALL, NULL},
