@@ -331,6 +331,25 @@ static int check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t expected) 
     return -1;
 }
 
+/* A tuple of new references (stolen, NULL-safe: a NULL item makes it NULL), built without
+ * Py_BuildValue's format parsing (the hot calls return one). */
+static PyObject *tuple_of(Py_ssize_t size, PyObject *a, PyObject *b, PyObject *c) {
+    PyObject *items[3] = {a, b, c}, *tuple = NULL;
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < size; i++) ok = ok && items[i];
+    if (ok) tuple = PyTuple_New(size);
+    for (Py_ssize_t i = 0; i < size; i++) {
+        if (tuple)
+            PyTuple_SetItem(tuple, i, items[i]);
+        else
+            Py_XDECREF(items[i]);
+    }
+    return tuple;
+}
+
+#define I64(v) PyLong_FromLongLong((long long)(v))
+#define U64(v) PyLong_FromUnsignedLongLong((unsigned long long)(v))
+
 /* heap_alloc(address, offset, size, nbytes) -> payload offset, 0 when the heap is full */
 static PyObject *py_heap_alloc(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
     void *address;
@@ -654,6 +673,19 @@ static int finish_put(Core *c, heap_t *heap, const item_t *item, plan_t *plan,
     return ST_OK;
 }
 
+/* Table.unpublish: empty slot ``index`` (holding ``word``), then free its entry. */
+static int unpublish(Core *c, heap_t *heap, uint64_t index, uint64_t word) {
+    uint64_t *table = active_table(c);
+    if (table[(index + 1) & c->mask]) {
+        STORE(&table[index], (uint64_t)TOMBSTONE);
+        STORE(&c->ctl[C_TOMBSTONES], c->ctl[C_TOMBSTONES] + 1);
+    } else {
+        STORE(&table[index], (uint64_t)0); /* nothing probes past an empty successor */
+    }
+    STORE(&c->ctl[C_COUNT], c->ctl[C_COUNT] - 1);
+    return heap_free(heap, word & OFFSET_MASK);
+}
+
 /* -- the Core type: one mapped data block (and, bound, its dict's entry block) ---------------- */
 
 static int Core_init(Core *self, PyObject *args, PyObject *kwargs) {
@@ -741,8 +773,7 @@ static PyObject *Core_probe(Core *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     int status = probe(self, encoded, (uint64_t)length, key_hash, 1, &found);
     if (status) return PyLong_FromLong(status);
-    return Py_BuildValue("(LKL)", (long long)found.index, (unsigned long long)found.word,
-                         (long long)found.insert_at);
+    return tuple_of(3, I64(found.index), U64(found.word), I64(found.insert_at));
 }
 
 /* entry_value(entry) -> (kind, start, length) of the current value area */
@@ -756,8 +787,7 @@ static PyObject *Core_entry_value(Core *self, PyObject *const *args, Py_ssize_t 
     uint64_t state = hword(self, entry + 8);
     uint64_t start = entry + ENTRY_HEADER + key_room(hword(self, entry));
     if (state & HIGH_BIT) start += hword(self, entry + 16) & LOW63;
-    return Py_BuildValue("(KKK)", (unsigned long long)((state & KIND_MASK) >> KIND_SHIFT),
-                         (unsigned long long)start, (unsigned long long)(state & LENGTH_MASK));
+    return tuple_of(3, U64((state & KIND_MASK) >> KIND_SHIFT), U64(start), U64(state & LENGTH_MASK));
 }
 
 static int parse_item(PyObject *const *args, item_t *item) {
@@ -796,9 +826,9 @@ static PyObject *Core_put(Core *self, PyObject *const *args, Py_ssize_t nargs) {
     int status = plan_put(self, &item, journal_offset != 0, &plan);
     if (!status)
         status = finish_put(self, &heap, &item, &plan, journal_offset, &index, &replaced);
-    if (status == ST_HEAP_FULL) return Py_BuildValue("(iK)", status, (unsigned long long)plan.nbytes);
+    if (status == ST_HEAP_FULL) return tuple_of(2, I64(status), U64(plan.nbytes), NULL);
     if (status) return PyLong_FromLong(status);
-    return Py_BuildValue("(LK)", (long long)index, (unsigned long long)replaced);
+    return tuple_of(2, I64(index), U64(replaced), NULL);
 }
 
 /* set_number(entry, kind, raw) -> whether the number was replaced with one store */
@@ -844,16 +874,8 @@ static PyObject *Core_unpublish(Core *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_IndexError, "slot index out of range");
         return NULL;
     }
-    uint64_t *table = active_table(self);
-    if (table[(index + 1) & self->mask]) {
-        STORE(&table[index], (uint64_t)TOMBSTONE);
-        STORE(&self->ctl[C_TOMBSTONES], self->ctl[C_TOMBSTONES] + 1);
-    } else {
-        STORE(&table[index], (uint64_t)0); /* nothing probes past an empty successor */
-    }
-    STORE(&self->ctl[C_COUNT], self->ctl[C_COUNT] - 1);
     heap_t heap = core_heap(self);
-    return PyLong_FromLong(heap_free(&heap, word & OFFSET_MASK));
+    return PyLong_FromLong(unpublish(self, &heap, index, word));
 }
 
 /* -- the whole locked steps ------------------------------------------------------------------ */
@@ -873,6 +895,35 @@ static PyObject *mutex_error(int error, const char *verb) {
     return os_error(error, message);
 }
 
+#ifndef LOCK_SPINS
+#define LOCK_SPINS 200
+#endif
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* pthread_mutex_lock, the GIL released while it blocks. A holder keeps the dict's mutex for
+ * a fraction of a microsecond: a short spin of trylock (no system call, no sleep) takes it
+ * far more often than not, and only then does a waiter sleep in the kernel. */
+static int lock_mutex(pthread_mutex_t *mutex) {
+    int error = pthread_mutex_trylock(mutex);
+    for (int spin = 0; error == EBUSY && spin < LOCK_SPINS; spin++) {
+        cpu_relax();
+        error = pthread_mutex_trylock(mutex);
+    }
+    if (error == EBUSY) {
+        Py_BEGIN_ALLOW_THREADS
+        error = pthread_mutex_lock(mutex);
+        Py_END_ALLOW_THREADS
+    }
+    return error;
+}
+
 enum { LOCKED = 0, UNUSUAL = 1, FAILED = -1 };
 
 /* Take the dict's mutex and check what _acquire checks. LOCKED: held, the step can go on.
@@ -880,12 +931,7 @@ enum { LOCKED = 0, UNUSUAL = 1, FAILED = -1 };
  * it; a dead holder's mutex is made consistent first, its marker says whether to repair).
  * FAILED: an error is set. */
 static int core_lock(Core *c) {
-    int error = pthread_mutex_trylock(c->mutex);
-    if (error == EBUSY) {
-        Py_BEGIN_ALLOW_THREADS
-        error = pthread_mutex_lock(c->mutex);
-        Py_END_ALLOW_THREADS
-    }
+    int error = lock_mutex(c->mutex);
     if (error == EOWNERDEAD) {
         pthread_mutex_consistent(c->mutex);
         pthread_mutex_unlock(c->mutex);
@@ -996,8 +1042,7 @@ static PyObject *Core_get(Core *self, PyObject *const *args, Py_ssize_t nargs) {
                     Py_INCREF(Py_None);
                     value = Py_None;
                 }
-                return Py_BuildValue("(KKN)", (unsigned long long)version,
-                                     (unsigned long long)kind, value);
+                return tuple_of(3, U64(version), U64(kind), value);
             }
             Py_XDECREF(value);
         }
@@ -1035,7 +1080,7 @@ static PyObject *Core_get(Core *self, PyObject *const *args, Py_ssize_t nargs) {
         return NULL;
     }
     if (!value) return NULL;
-    return Py_BuildValue("(KKN)", (unsigned long long)version, (unsigned long long)kind, value);
+    return tuple_of(3, U64(version), U64(kind), value);
 }
 
 /* store(encoded, key_hash, original, kind, data) -> the new version, or None when the Python
@@ -1164,7 +1209,68 @@ static PyObject *Core_increment(Core *self, PyObject *const *args, Py_ssize_t na
     PyObject *result = new_kind == KIND_INT64 ? PyLong_FromLongLong(int_result)
                                               : PyFloat_FromDouble(float_result);
     if (!result) return NULL;
-    return Py_BuildValue("(KN)", (unsigned long long)version, result);
+    return tuple_of(2, U64(version), result, NULL);
+}
+
+/* remove(encoded, key_hash, want_value) -> (new version, kind, value bytes or None), False
+ * when the key is absent (nothing changed), or None when the Python path must do it. One
+ * mutation: begin, Table.unpublish (the slot, the counts, the heap's free), end. */
+static PyObject *Core_remove(Core *self, PyObject *const *args, Py_ssize_t nargs) {
+    const char *encoded;
+    Py_ssize_t length;
+    uint64_t key_hash;
+    probe_t found;
+    if (check_nargs("remove", nargs, 3) || arg_bytes(args[0], &encoded, &length) ||
+        arg_u64(args[1], &key_hash) || core_bound(self) || core_identity(self))
+        return NULL;
+    int want_value = PyObject_IsTrue(args[2]);
+    if (want_value < 0) return NULL;
+    int locked = core_lock(self);
+    if (locked == FAILED) return NULL;
+    if (locked == UNUSUAL) Py_RETURN_NONE;
+    heap_t heap = core_heap(self);
+    int status = probe(self, encoded, (uint64_t)length, key_hash, 1, &found);
+    if (!status && found.index < 0) {
+        if (core_unlock(self)) return NULL;
+        Py_RETURN_FALSE;
+    }
+    uint64_t entry = status ? 0 : found.word & OFFSET_MASK, kind = 0;
+    PyObject *value = NULL;
+    if (!status && (heap_free_check(&heap, entry) != FREE_OK || !in_heap(self, entry, ENTRY_HEADER)))
+        status = ST_BAD_FREE;
+    if (!status && want_value) { /* Table.load_value's bytes, copied before the entry goes */
+        uint64_t state = hword(self, entry + 8);
+        uint64_t at = entry + ENTRY_HEADER + key_room(hword(self, entry));
+        if (state & HIGH_BIT) at += hword(self, entry + 16) & LOW63;
+        uint64_t size = state & LENGTH_MASK;
+        kind = (state & KIND_MASK) >> KIND_SHIFT;
+        if (!in_heap(self, at, size)) {
+            status = ST_CORRUPT;
+        } else {
+            value = PyBytes_FromStringAndSize((const char *)self->hbuf + at, (Py_ssize_t)size);
+            if (!value) {
+                pthread_mutex_unlock(self->mutex);
+                return NULL;
+            }
+        }
+    }
+    if (status) {
+        Py_XDECREF(value);
+        if (core_unlock(self)) return NULL;
+        Py_RETURN_NONE;
+    }
+    uint64_t version = core_begin(self);
+    unpublish(self, &heap, (uint64_t)found.index, found.word);
+    core_end(self);
+    if (core_unlock(self)) {
+        Py_XDECREF(value);
+        return NULL;
+    }
+    if (!value) {
+        Py_INCREF(Py_None);
+        value = Py_None;
+    }
+    return tuple_of(3, U64(version), U64(kind), value);
 }
 
 static PyMethodDef Core_methods[] = {
@@ -1177,6 +1283,7 @@ static PyMethodDef Core_methods[] = {
     {"get", FASTCALL(Core_get), METH_FASTCALL, NULL},
     {"store", FASTCALL(Core_store), METH_FASTCALL, NULL},
     {"increment", FASTCALL(Core_increment), METH_FASTCALL, NULL},
+    {"remove", FASTCALL(Core_remove), METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1212,12 +1319,7 @@ static PyObject *py_mutex_init(PyObject *Py_UNUSED(module), PyObject *address_ob
 static PyObject *py_mutex_lock(PyObject *Py_UNUSED(module), PyObject *address_object) {
     pthread_mutex_t *mutex;
     if (arg_ptr(address_object, (void **)&mutex)) return NULL;
-    int error = pthread_mutex_trylock(mutex);
-    if (error == EBUSY) {
-        Py_BEGIN_ALLOW_THREADS
-        error = pthread_mutex_lock(mutex);
-        Py_END_ALLOW_THREADS
-    }
+    int error = lock_mutex(mutex);
     if (error == EOWNERDEAD) Py_RETURN_TRUE;
     if (error) return mutex_error(error, "lock");
     Py_RETURN_FALSE;

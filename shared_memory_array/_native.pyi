@@ -72,6 +72,9 @@ class Core:
     def store(
         self, encoded: bytes, key_hash: int, original: bytes, kind: int, data: bytes, /
     ) -> int | None: ...
+    def remove(
+        self, encoded: bytes, key_hash: int, want_value: bool, /
+    ) -> tuple[int, int, bytes | None] | bool | None: ...
     def increment(
         self, encoded: bytes, key_hash: int, amount: int | float, /
     ) -> tuple[int, int | float] | None: ...

@@ -23,9 +23,9 @@ version did not move meanwhile (else, and on other architectures, it reads
 under the lock); see :meth:`SharedDict._fetch`. ``len()`` reads the count the
 same way.
 
-Where the accelerator is used (:mod:`.._accel`), three steps run whole in C, one call each:
-a read (:meth:`SharedDict._fetch`), a store of one item (``__setitem__``) and ``increment``
-of a raw number. Each takes the lock, checks what :meth:`SharedDict._acquire` checks and
+Where the accelerator is used (:mod:`.._accel`), four steps run whole in C, one call each:
+a read (:meth:`SharedDict._fetch`), a store of one item (``__setitem__``), a removal
+(``__delitem__``) and ``increment`` of a raw number. Each takes the lock, checks what :meth:`SharedDict._acquire` checks and
 follows the protocol of :mod:`._journal`; anything unusual (a repair or a growth due, a
 full table or heap, a holder that died) changes nothing and hands the step to the Python
 path below, which then does it as it always did.
@@ -824,6 +824,21 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             self._unlock()
 
     def __delitem__(self, key: _K) -> None:
+        fast = self._fast
+        if fast is not None:  # the accelerator: the whole locked step in C
+            encoded, _ = encode_key(key)
+            lock = self._lock
+            thread_lock = lock._thread_lock
+            thread_lock.acquire()
+            try:
+                removed = None if lock._depth else fast.remove(encoded, _crc32(encoded), False)
+                if removed is False:
+                    raise KeyError(key)
+                if removed is not None:
+                    self._after_fast(removed[0], key, ABSENT, b"")
+                    return
+            finally:
+                thread_lock.release()
         self._pop(key, _MISSING, want_value=False)
 
     def _remove(self, index: int, word: int) -> None:
