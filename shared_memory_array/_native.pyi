@@ -1,7 +1,7 @@
 """The accelerator's API (``_native.c``); the pure-Python twins are the reference (``_accel``)."""
 
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
 
 STATUS_TABLE_FULL: Final[int]
 STATUS_HEAP_FULL: Final[int]
@@ -74,7 +74,7 @@ class Core:
     ) -> int | None: ...
     def remove(
         self, encoded: bytes, key_hash: int, want_value: bool, /
-    ) -> tuple[int, int, bytes | None] | bool | None: ...
+    ) -> tuple[int, int, bytes | None] | Literal[False] | None: ...
     def increment(
         self, encoded: bytes, key_hash: int, amount: int | float, /
     ) -> tuple[int, int | float] | None: ...
