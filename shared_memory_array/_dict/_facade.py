@@ -25,10 +25,10 @@ same way.
 
 Where the accelerator is used (:mod:`.._accel`), four steps run whole in C, one call each:
 a read (:meth:`SharedDict._fetch`), a store of one item (``__setitem__``), a removal
-(``__delitem__``) and ``increment`` of a raw number. Each takes the lock, checks what :meth:`SharedDict._acquire` checks and
-follows the protocol of :mod:`._journal`; anything unusual (a repair or a growth due, a
-full table or heap, a holder that died) changes nothing and hands the step to the Python
-path below, which then does it as it always did.
+(``__delitem__``) and ``increment`` of a raw number. Each takes the lock, checks what
+:meth:`SharedDict._acquire` checks and follows the protocol of :mod:`._journal`; anything
+unusual (a repair or a growth due, a full table or heap, a holder that died) changes
+nothing and hands the step to the Python path below, which then does it as it always did.
 """
 
 from __future__ import annotations
