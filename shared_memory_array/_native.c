@@ -1390,76 +1390,70 @@ static PyObject *py_futex_add(PyObject *Py_UNUSED(module), PyObject *const *args
 
 /* -- attaching (_block.py SharedBlock.open, _platform/_linux.py) ----------------------------- */
 
-/* open_block(path, writable, header_bytes) -> (fd, stat fields, header) or (-errno, ...).
- * open with O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, fstat, then (for a regular file of the
- * user's, not writable by others) a shared OFD lock on byte 0 (HOLD) without waiting, and a
- * pread of the first ``header_bytes``. The stat fields: (mode, uid, size, dev, ino, blocks,
- * ctime_ns); the lock: 1 held, 0 busy (someone holds it exclusively), -1 not tried. */
-static PyObject *py_open_block(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    const char *path;
-    int writable;
-    Py_ssize_t want;
-    if (check_nargs("open_block", nargs, 3)) return NULL;
-    path = PyUnicode_AsUTF8AndSize(args[0], NULL);
+static PyObject *stat_fields(const struct stat *info) {
+    /* os.stat_result's 19 fields on Linux: the 10 of the sequence, then the float times, the
+     * times in ns, st_blksize, st_blocks, st_rdev. */
+    long long ns[3] = {
+        (long long)info->st_atim.tv_sec * 1000000000LL + info->st_atim.tv_nsec,
+        (long long)info->st_mtim.tv_sec * 1000000000LL + info->st_mtim.tv_nsec,
+        (long long)info->st_ctim.tv_sec * 1000000000LL + info->st_ctim.tv_nsec,
+    };
+    return Py_BuildValue(
+        "(KKKKKKLLLLdddLLLLLK)", (unsigned long long)info->st_mode,
+        (unsigned long long)info->st_ino, (unsigned long long)info->st_dev,
+        (unsigned long long)info->st_nlink, (unsigned long long)info->st_uid,
+        (unsigned long long)info->st_gid, (long long)info->st_size,
+        (long long)info->st_atim.tv_sec, (long long)info->st_mtim.tv_sec,
+        (long long)info->st_ctim.tv_sec, (double)ns[0] * 1e-9, (double)ns[1] * 1e-9,
+        (double)ns[2] * 1e-9, ns[0], ns[1], ns[2], (long long)info->st_blksize,
+        (long long)info->st_blocks, (unsigned long long)info->st_rdev);
+}
+
+/* open_held(path, writable, header_bytes) -> (fd, stat fields, header), or a number when the
+ * Python path must open it (it then says why): -errno where open or fstat failed, 1 for an
+ * entry that is no regular file of this user's, writable by group or others, or held
+ * exclusively right now (nothing is left open then).
+ * The steps of SharedBlock.open, in its order: open with O_NOFOLLOW | O_NONBLOCK |
+ * O_CLOEXEC, fstat, the trust check, the shared OFD lock on byte 0 (HOLD, without waiting);
+ * then a pread of the first ``header_bytes`` (SharedBlock.header_bytes). */
+static PyObject *py_open_held(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
+    if (check_nargs("open_held", nargs, 3)) return NULL;
+    const char *path = PyUnicode_AsUTF8AndSize(args[0], NULL);
     if (!path) return NULL;
-    writable = PyObject_IsTrue(args[1]);
-    want = PyLong_AsSsize_t(args[2]);
+    int writable = PyObject_IsTrue(args[1]);
+    Py_ssize_t want = PyLong_AsSsize_t(args[2]);
     if (writable < 0 || (want == -1 && PyErr_Occurred())) return NULL;
     int fd = open(path, (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) return Py_BuildValue("(iOO)", -errno, Py_None, Py_None);
+    if (fd < 0) return PyLong_FromLong(-errno);
     struct stat info;
     if (fstat(fd, &info) < 0) {
         int error = errno;
         close(fd);
-        return Py_BuildValue("(iOO)", -error, Py_None, Py_None);
+        return PyLong_FromLong(-error);
     }
-    int locked = -1;
-    PyObject *header = NULL;
-    if (S_ISREG(info.st_mode) && info.st_uid == geteuid() && !(info.st_mode & (S_IWGRP | S_IWOTH))) {
-        struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
-        if (fcntl(fd, F_OFD_SETLK, &lock) == 0) {
-            locked = 1;
-        } else if (errno == EAGAIN || errno == EACCES) {
-            locked = 0;
-        } else {
-            int error = errno;
-            close(fd);
-            return Py_BuildValue("(iOO)", -error, Py_None, Py_None);
-        }
-        Py_ssize_t size = info.st_size < want ? (Py_ssize_t)info.st_size : want;
-        if (locked == 1 && size > 0) {
-            char *raw = PyMem_Malloc((size_t)size);
-            if (!raw) {
-                close(fd);
-                return PyErr_NoMemory();
-            }
-            ssize_t got = pread(fd, raw, (size_t)size, 0);
-            int error = errno;
-            if (got >= 0) header = PyBytes_FromStringAndSize(raw, got);
-            PyMem_Free(raw);
-            if (got < 0) {
-                close(fd);
-                return Py_BuildValue("(iOO)", -error, Py_None, Py_None);
-            }
-            if (!header) {
-                close(fd);
-                return NULL;
-            }
-        }
-    }
-    if (!header) header = PyBytes_FromStringAndSize("", 0);
-    PyObject *fields = Py_BuildValue(
-        "(IIKKKKL)", (unsigned)info.st_mode, (unsigned)info.st_uid,
-        (unsigned long long)info.st_size, (unsigned long long)info.st_dev,
-        (unsigned long long)info.st_ino, (unsigned long long)info.st_blocks,
-        (long long)info.st_ctim.tv_sec * 1000000000LL + info.st_ctim.tv_nsec);
-    if (!fields || !header) {
-        Py_XDECREF(fields);
-        Py_XDECREF(header);
+    struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = 0, .l_len = 1};
+    if (!S_ISREG(info.st_mode) || info.st_uid != geteuid() || info.st_mode & (S_IWGRP | S_IWOTH) ||
+        fcntl(fd, F_OFD_SETLK, &lock) != 0) {
         close(fd);
-        return NULL;
+        return PyLong_FromLong(1);
     }
-    return Py_BuildValue("(iNNi)", fd, fields, header, locked);
+    Py_ssize_t size = info.st_size < want ? (Py_ssize_t)info.st_size : want;
+    char *raw = PyMem_Malloc(size > 0 ? (size_t)size : 1);
+    if (!raw) {
+        close(fd);
+        return PyErr_NoMemory();
+    }
+    ssize_t got = size > 0 ? pread(fd, raw, (size_t)size, 0) : 0;
+    int error = errno;
+    PyObject *header = got >= 0 ? PyBytes_FromStringAndSize(raw, got) : NULL;
+    PyMem_Free(raw);
+    if (got < 0) {
+        close(fd);
+        return PyLong_FromLong(-error);
+    }
+    PyObject *result = tuple_of(3, PyLong_FromLong(fd), stat_fields(&info), header);
+    if (!result) close(fd);
+    return result;
 }
 
 /* kill_after_stores(n): tests only, see kill_countdown (0 turns it off). */
@@ -1482,7 +1476,7 @@ static PyMethodDef module_methods[] = {
     {"futex_wait", FASTCALL(py_futex_wait), METH_FASTCALL, NULL},
     {"futex_wake", py_futex_wake, METH_O, NULL},
     {"futex_add", FASTCALL(py_futex_add), METH_FASTCALL, NULL},
-    {"open_block", FASTCALL(py_open_block), METH_FASTCALL, NULL},
+    {"open_held", FASTCALL(py_open_held), METH_FASTCALL, NULL},
     {NULL, NULL, 0, NULL},
 };
 

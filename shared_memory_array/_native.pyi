@@ -22,9 +22,9 @@ def futex_add(address: int, delta: int, /) -> bool: ...
 def kill_after_stores(count: int, /) -> None:
     """Tests only: SIGKILL this process at the ``count``-th shared word store from now."""
 
-def open_block(
+def open_held(
     path: str, writable: bool, header_bytes: int, /
-) -> tuple[int, tuple[int, int, int, int, int, int, int] | None, bytes | None, int]: ...
+) -> tuple[int, tuple[int | float, ...], bytes] | int: ...
 
 class Core:
     """One mapped data block of a dict: its table and heap, and (bound) its dict's lock."""

@@ -466,3 +466,36 @@ def test_lock_holder_killed_on_one_path_frees_the_other(
         assert shared["n"] == 10
     assert shared["holder"] == holder.pid
     shared._check()
+
+
+# -- attaching --------------------------------------------------------------------------------
+
+
+@needs_native
+def test_accelerated_open_holds_and_reads_the_header() -> None:
+    """open_held opens, checks, holds and reads in one call; it leaves refusals to Python."""
+    import stat
+
+    from shared_memory_array import SharedArray
+    from shared_memory_array._platform import HOLD, backend
+
+    with SharedArray.allocate(None, 1000, "float64") as owner:
+        system_name = backend.system_name(owner.name)
+        held = backend.open_held(system_name, writable=True, header_bytes=4096)
+        assert held is not None
+        fd, info, header = held
+        try:
+            assert (info.st_ino, info.st_size) == (os.fstat(fd).st_ino, os.fstat(fd).st_size)
+            assert header == os.pread(fd, 4096, 0)
+            locks = backend.locks(os.dup(fd), system_name, writable=True, created=False)
+            assert not locks.try_lock(HOLD, exclusive=True)  # HOLD is held shared on fd
+            locks.close()
+        finally:
+            os.close(fd)
+        path = os.path.join(backend.directory or "/dev/shm", system_name)
+        os.chmod(path, 0o622)  # writable by group and others: untrusted
+        try:
+            assert backend.open_held(system_name, writable=True, header_bytes=4096) is None
+        finally:
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    assert backend.open_held("sma_no_such_block", writable=True, header_bytes=4096) is None

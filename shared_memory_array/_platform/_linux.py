@@ -296,6 +296,18 @@ class LinuxBackend(Backend):
                 os.fchmod(fd, 0o600)  # whatever the umask made of it
         return fd
 
+    def open_held(
+        self, system_name: str, *, writable: bool, header_bytes: int
+    ) -> tuple[int, os.stat_result, bytes] | None:
+        """The accelerator's attach step: open, fstat, trust, HOLD and header in one call."""
+        if _accel.lib is None:
+            return None
+        answer = _accel.lib.open_held(self._path(system_name), writable, header_bytes)
+        if type(answer) is int:
+            return None  # refused, or an error: the step by step path says which
+        fd, fields, header = answer  # type: ignore[misc]
+        return fd, os.stat_result(fields), header
+
     def unlink(self, system_name: str) -> bool:
         try:
             os.unlink(self._path(system_name))
