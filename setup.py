@@ -6,9 +6,31 @@ pure-Python path (``optional=True``). One binary per platform for every Python f
 (the limited API, ``abi3``).
 """
 
+import os
 import sys
+from typing import Any
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildExt(build_ext):
+    """``build_ext`` whose copy into the source tree (an editable install) is a rename.
+
+    Copying over the file would rewrite, in place, a library that running processes have
+    mapped (another Python's editable install of the same checkout, a test run): they
+    could crash. A new file renamed over the old one leaves them the old one.
+    """
+
+    def copy_file(self, infile: str, outfile: str, *args: Any, **kwargs: Any) -> Any:
+        if not str(outfile).endswith(".so"):
+            return super().copy_file(infile, outfile, *args, **kwargs)
+        partial = f"{outfile}.{os.getpid()}.partial"
+        result = super().copy_file(infile, partial, *args, **kwargs)
+        if os.path.exists(partial):
+            os.replace(partial, outfile)
+        return outfile, result[1]
+
 
 extensions = []
 if sys.platform.startswith("linux"):
@@ -22,4 +44,4 @@ if sys.platform.startswith("linux"):
         )
     )
 
-setup(ext_modules=extensions)
+setup(ext_modules=extensions, cmdclass={"build_ext": BuildExt})
