@@ -2,8 +2,9 @@
 
 Built by ``pip install`` (``-e`` too) where a C compiler and the Python headers exist, on
 Linux; where it cannot be built, the install goes on without it and the package runs its
-pure-Python path (``optional=True``). One binary per platform for every Python from 3.10
-(the limited API, ``abi3``).
+pure-Python path (``optional=True``). The source keeps to the limited API of Python 3.10,
+but each Python builds a binary of its own (no ``abi3`` tag): an editable install of every
+Python into one checkout (CI) then never loads a binary built with another Python's headers.
 """
 
 import os
@@ -39,7 +40,6 @@ if sys.platform.startswith("linux"):
             "shared_memory_array._native",
             ["shared_memory_array/_native.c"],
             optional=True,
-            py_limited_api=True,
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-std=gnu11"],
         )
     )

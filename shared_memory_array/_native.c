@@ -43,6 +43,13 @@
 #include <time.h>
 #include <unistd.h>
 
+/* RETURN_NONE/TRUE/FALSE of the 3.12 and 3.13 headers return the singletons without a new
+ * reference (immortal there), even for the limited API of 3.10: built with those headers, a
+ * module would free None on 3.10 and 3.11. These take the reference on every version. */
+#define RETURN_NONE return Py_INCREF(Py_None), Py_None
+#define RETURN_TRUE return Py_INCREF(Py_True), Py_True
+#define RETURN_FALSE return Py_INCREF(Py_False), Py_False
+
 typedef PyObject *(*fastcall_t)(PyObject *, PyObject *const *, Py_ssize_t);
 #define FASTCALL(f) ((PyCFunction)(void (*)(void))(fastcall_t)(f))
 
@@ -753,7 +760,7 @@ static PyObject *Core_bind_lock(Core *self, PyObject *const *args, Py_ssize_t na
     self->notify = (uint32_t *)(uintptr_t)notify;
     self->waiters = (uint32_t *)(uintptr_t)waiters;
     self->epoch = 0;
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 static PyObject *table_error(int status) {
@@ -845,21 +852,21 @@ static PyObject *Core_set_number(Core *self, PyObject *const *args, Py_ssize_t n
     }
     uint64_t state = hword(self, entry + 8), areas_word = hword(self, entry + 16);
     uint64_t old_kind = (state & KIND_MASK) >> KIND_SHIFT;
-    if ((old_kind != KIND_INT64 && old_kind != KIND_FLOAT64) || length != 8) Py_RETURN_FALSE;
+    if ((old_kind != KIND_INT64 && old_kind != KIND_FLOAT64) || length != 8) RETURN_FALSE;
     uint64_t start = entry + ENTRY_HEADER + key_room(hword(self, entry));
     if (areas_word & HIGH_BIT) { /* two areas: write the spare one, then flip (one store) */
         if (!(state & HIGH_BIT)) start += areas_word & LOW63;
         if (!in_heap(self, start, 8)) goto outside;
         memcpy(self->hbuf + start, raw, 8);
         set_hword(self, entry + 8, (~state & HIGH_BIT) | kind << KIND_SHIFT | 8);
-        Py_RETURN_TRUE;
+        RETURN_TRUE;
     }
-    if (kind != old_kind) Py_RETURN_FALSE;
+    if (kind != old_kind) RETURN_FALSE;
     if (!in_heap(self, start, 8)) goto outside;
     uint64_t word;
     memcpy(&word, raw, 8);
     set_hword(self, start, word); /* one aligned 8-byte store */
-    Py_RETURN_TRUE;
+    RETURN_TRUE;
 outside:
     PyErr_SetString(PyExc_IndexError, "value area outside the heap");
     return NULL;
@@ -1047,10 +1054,10 @@ static PyObject *Core_get(Core *self, PyObject *const *args, Py_ssize_t nargs) {
             Py_XDECREF(value);
         }
     }
-    if (!may_lock) Py_RETURN_NONE;
+    if (!may_lock) RETURN_NONE;
     int locked = core_lock(self);
     if (locked == FAILED) return NULL;
-    if (locked == UNUSUAL) Py_RETURN_NONE;
+    if (locked == UNUSUAL) RETURN_NONE;
     int status = probe(self, encoded, (uint64_t)length, key_hash, 1, &found);
     const char *start = NULL;
     uint64_t kind = 0, size = 0;
@@ -1070,7 +1077,7 @@ static PyObject *Core_get(Core *self, PyObject *const *args, Py_ssize_t nargs) {
     }
     if (status) { /* the Python path meets it again and raises as it always did */
         if (core_unlock(self)) return NULL;
-        Py_RETURN_NONE;
+        RETURN_NONE;
     }
     PyObject *value = start ? PyBytes_FromStringAndSize(start, (Py_ssize_t)size) : Py_None;
     if (!start) Py_INCREF(Py_None);
@@ -1096,7 +1103,7 @@ static PyObject *Core_store(Core *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     int locked = core_lock(self);
     if (locked == FAILED) return NULL;
-    if (locked == UNUSUAL) Py_RETURN_NONE;
+    if (locked == UNUSUAL) RETURN_NONE;
     heap_t heap = core_heap(self);
     int status = plan_put(self, &item, 0, &plan);
     if (!status && !plan.in_place) {
@@ -1108,7 +1115,7 @@ static PyObject *Core_store(Core *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (status) {
         if (core_unlock(self)) return NULL;
-        Py_RETURN_NONE;
+        RETURN_NONE;
     }
     uint64_t version = core_begin(self);
     status = finish_put(self, &heap, &item, &plan, 0, &index, &replaced);
@@ -1143,14 +1150,14 @@ static PyObject *Core_increment(Core *self, PyObject *const *args, Py_ssize_t na
     } else if (PyLong_CheckExact(amount)) {
         int overflow;
         int_amount = PyLong_AsLongLongAndOverflow(amount, &overflow);
-        if (overflow) Py_RETURN_NONE;
+        if (overflow) RETURN_NONE;
         if (int_amount == -1 && PyErr_Occurred()) return NULL;
     } else {
-        Py_RETURN_NONE;
+        RETURN_NONE;
     }
     int locked = core_lock(self);
     if (locked == FAILED) return NULL;
-    if (locked == UNUSUAL) Py_RETURN_NONE;
+    if (locked == UNUSUAL) RETURN_NONE;
     int status = probe(self, encoded, (uint64_t)length, key_hash, 1, &found);
     uint64_t entry = status ? 0 : found.word & OFFSET_MASK, start = 0, new_kind = 0, raw = 0, state = 0;
     uint64_t areas_word = 0;
@@ -1195,7 +1202,7 @@ static PyObject *Core_increment(Core *self, PyObject *const *args, Py_ssize_t na
     }
     if (!ok) {
         if (core_unlock(self)) return NULL;
-        Py_RETURN_NONE;
+        RETURN_NONE;
     }
     uint64_t version = core_begin(self);
     if (areas_word & HIGH_BIT) {
@@ -1227,12 +1234,12 @@ static PyObject *Core_remove(Core *self, PyObject *const *args, Py_ssize_t nargs
     if (want_value < 0) return NULL;
     int locked = core_lock(self);
     if (locked == FAILED) return NULL;
-    if (locked == UNUSUAL) Py_RETURN_NONE;
+    if (locked == UNUSUAL) RETURN_NONE;
     heap_t heap = core_heap(self);
     int status = probe(self, encoded, (uint64_t)length, key_hash, 1, &found);
     if (!status && found.index < 0) {
         if (core_unlock(self)) return NULL;
-        Py_RETURN_FALSE;
+        RETURN_FALSE;
     }
     uint64_t entry = status ? 0 : found.word & OFFSET_MASK, kind = 0;
     PyObject *value = NULL;
@@ -1257,7 +1264,7 @@ static PyObject *Core_remove(Core *self, PyObject *const *args, Py_ssize_t nargs
     if (status) {
         Py_XDECREF(value);
         if (core_unlock(self)) return NULL;
-        Py_RETURN_NONE;
+        RETURN_NONE;
     }
     uint64_t version = core_begin(self);
     unpublish(self, &heap, (uint64_t)found.index, found.word);
@@ -1312,7 +1319,7 @@ static PyObject *py_mutex_init(PyObject *Py_UNUSED(module), PyObject *address_ob
     int error = pthread_mutex_init((pthread_mutex_t *)address, &attr);
     pthread_mutexattr_destroy(&attr);
     if (error) return os_error(error, strerror(error));
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 /* mutex_lock(address) -> True if its holder died holding it (the caller repairs). */
@@ -1320,16 +1327,16 @@ static PyObject *py_mutex_lock(PyObject *Py_UNUSED(module), PyObject *address_ob
     pthread_mutex_t *mutex;
     if (arg_ptr(address_object, (void **)&mutex)) return NULL;
     int error = lock_mutex(mutex);
-    if (error == EOWNERDEAD) Py_RETURN_TRUE;
+    if (error == EOWNERDEAD) RETURN_TRUE;
     if (error) return mutex_error(error, "lock");
-    Py_RETURN_FALSE;
+    RETURN_FALSE;
 }
 
 static PyObject *py_mutex_consistent(PyObject *Py_UNUSED(module), PyObject *address_object) {
     pthread_mutex_t *mutex;
     if (arg_ptr(address_object, (void **)&mutex)) return NULL;
     pthread_mutex_consistent(mutex);
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 static PyObject *py_mutex_unlock(PyObject *Py_UNUSED(module), PyObject *address_object) {
@@ -1337,7 +1344,7 @@ static PyObject *py_mutex_unlock(PyObject *Py_UNUSED(module), PyObject *address_
     if (arg_ptr(address_object, (void **)&mutex)) return NULL;
     int error = pthread_mutex_unlock(mutex);
     if (error) return mutex_error(error, "unlock");
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 /* futex_wait(address, expected, timeout) sleeps while the 32-bit word is ``expected`` (GIL
@@ -1365,14 +1372,14 @@ static PyObject *py_futex_wait(PyObject *Py_UNUSED(module), PyObject *const *arg
     error = errno;
     Py_END_ALLOW_THREADS
     if (result < 0 && error == EINTR && PyErr_CheckSignals()) return NULL;
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 static PyObject *py_futex_wake(PyObject *Py_UNUSED(module), PyObject *address_object) {
     void *address;
     if (arg_ptr(address_object, &address)) return NULL;
     syscall(SYS_futex, address, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 /* futex_add(address, delta) -> True: an atomic add to the 32-bit word, then a wake-up of
@@ -1385,7 +1392,7 @@ static PyObject *py_futex_add(PyObject *Py_UNUSED(module), PyObject *const *args
     if (delta == -1 && PyErr_Occurred()) return NULL;
     __atomic_add_fetch((uint32_t *)address, (uint32_t)delta, __ATOMIC_SEQ_CST);
     syscall(SYS_futex, address, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-    Py_RETURN_TRUE;
+    RETURN_TRUE;
 }
 
 /* -- attaching (_block.py SharedBlock.open, _platform/_linux.py) ----------------------------- */
@@ -1461,7 +1468,7 @@ static PyObject *py_kill_after_stores(PyObject *Py_UNUSED(module), PyObject *cou
     long value = PyLong_AsLong(count);
     if (value == -1 && PyErr_Occurred()) return NULL;
     kill_countdown = value;
-    Py_RETURN_NONE;
+    RETURN_NONE;
 }
 
 static PyMethodDef module_methods[] = {
