@@ -12,7 +12,9 @@ without it, it uses the accelerator where it is built. Each command prints
   at its k-th shared word store (the accelerator's test hook); print ``killed k`` and wait
   for a line on standard input; print ``done k`` once a child finishes unkilled;
 * ``hold NAME``: take the dict's lock, print ``locked`` and sleep (until killed);
-* ``die NAME WHERE``: ``_children_dict.die_inside`` (killed inside a write).
+* ``die NAME WHERE``: ``_children_dict.die_inside`` (killed inside a write);
+* ``wait NAME``: print ``waiting``, then whether ``wait_for`` saw ``go == 1`` (60 s at most);
+* ``set NAME``: store ``go = 1`` (a change, which wakes whoever waits).
 """
 
 from __future__ import annotations
@@ -102,6 +104,18 @@ def die(name: str, where: str) -> None:
     _children_dict.die_inside(name, where)
 
 
+def wait(name: str) -> None:
+    with SharedDict.attach(name) as shared:
+        print("waiting", flush=True)
+        print(shared.wait_for(lambda d: d.get("go") == 1, timeout=60), flush=True)
+
+
+def set_go(name: str) -> None:
+    with SharedDict.attach(name) as shared:
+        shared["go"] = 1
+    print("ok", flush=True)
+
+
 if __name__ == "__main__":
     print(f"native={_accel.native}", flush=True)
     command, arguments = sys.argv[1], sys.argv[2:]
@@ -115,5 +129,9 @@ if __name__ == "__main__":
         hold(arguments[0])
     elif command == "die":
         die(arguments[0], arguments[1])
+    elif command == "wait":
+        wait(arguments[0])
+    elif command == "set":
+        set_go(arguments[0])
     else:
         sys.exit(f"unknown command {command!r}")

@@ -16,6 +16,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -466,6 +467,31 @@ def test_lock_holder_killed_on_one_path_frees_the_other(
         assert shared["n"] == 10
     assert shared["holder"] == holder.pid
     shared._check()
+
+
+@pytest.mark.parametrize("waiter_pure", [True, False])
+def test_a_change_on_one_path_wakes_a_waiter_on_the_other(
+    shared: SharedDict, waiter_pure: bool
+) -> None:
+    """wait_for sleeping on the futex word on one path is woken by a store on the other."""
+    waiter = start("wait", shared.name, pure=waiter_pure)
+    try:
+        assert waiter.stdout is not None
+        assert waiter.stdout.readline().strip() == "waiting"
+        signal_words = shared._signal
+        assert signal_words is not None
+        for _ in range(TIMEOUT * 100):  # it counts itself in before it sleeps
+            if signal_words.waiters():
+                break
+            time.sleep(0.01)
+        setter = start("set", shared.name, pure=not waiter_pure)
+        assert finish(setter)[:2] == (0, "ok")
+        code, output, errors = finish(waiter)
+        assert (code, output) == (0, "True"), errors
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            finish(waiter)
 
 
 # -- attaching --------------------------------------------------------------------------------
