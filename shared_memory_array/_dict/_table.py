@@ -348,12 +348,9 @@ class Table:
                 raise self.heap._full(done[1])
             if done == _STATUS_TABLE_FULL:
                 raise self._table_full()
-            if done == _STATUS_CORRUPT and self.ctl.count < self.max_items:
-                live = len(self.live_words())
-                if live >= self.fill_limit:  # the rebuild refused
-                    raise LayoutError(
-                        f"SharedDict {self.name!r}: table holds {live} entries (corrupt)"
-                    )
+            live = len(self.live_words())
+            if done == _STATUS_CORRUPT and live >= self.fill_limit:  # the rebuild refused
+                raise LayoutError(f"SharedDict {self.name!r}: table holds {live} entries (corrupt)")
             raise self._status_error(done)  # type: ignore[arg-type]
         index, old_word, insert_at = self.probe(encoded, key_hash)
         ctl, hwords, hbuf = self.ctl.words, self.hwords, self.hbuf
