@@ -218,6 +218,7 @@ class SharedBlock:
     _hold: _lifetime.Hold | None = None
     _shared: memoryview | None = None  # a shared view of the header pages (private mappings)
     _shared_mmap: mmap.mmap | None = None
+    _prefetched: bytes | None = None  # the header, read by an accelerated open
 
     def __init__(self) -> None:
         raise TypeError("use SharedBlock.create() or SharedBlock.open()")
@@ -335,6 +336,22 @@ class SharedBlock:
         self.readonly = readonly
         self.private = private
         writable = not readonly  # a private mapping still writes the shared lifetime area
+        held = backend.open_held(self.system_name, writable=writable, header_bytes=_HEADER_READ)
+        if held is not None:  # the accelerator took the steps below in one call
+            fd, info, self._prefetched = held
+            try:
+                locks = backend.locks(fd, self.system_name, writable=writable, created=False)
+            except BaseException:
+                backend.close_descriptor(fd)
+                raise
+            self.size, self.stat = info.st_size, info
+            self._hold = _lifetime.Hold(
+                locks, self.system_name, writable=writable, dev=info.st_dev, ino=info.st_ino
+            )
+            self._hold.held()
+            for hook in hooks.on_use:
+                hook()
+            return self
         fd = backend.open_block(self.system_name, create=False, writable=writable)
         try:
             info = backend.fstat(fd)
@@ -518,9 +535,11 @@ class SharedBlock:
         pay a TLB flush), and a hole in a block of someone else's would raise
         SIGBUS once the filesystem is full.
         """
-        if self.size == 0:
-            return b""
-        raw = self.read_at(min(self.size, _HEADER_READ))
+        raw, self._prefetched = self._prefetched, None
+        if raw is None:
+            if self.size == 0:
+                return b""
+            raw = self.read_at(min(self.size, _HEADER_READ))
         if len(raw) >= 20:
             header_size = int.from_bytes(raw[16:20], "little")
             if len(raw) < header_size <= min(self.size, 1 << 20):

@@ -43,12 +43,16 @@ The heap is not safe against a process dying inside ``alloc``/``free``: the
 caller serialises calls with a lock and, after a crash, calls :meth:`Heap.rebuild`
 with the payloads still in use, which rewrites every tag and list from that set.
 An allocation failure leaves the heap untouched.
+
+Where the accelerator is used (:mod:`._accel`), ``alloc``, ``free`` and ``extend`` run
+the very same steps in C: the same stores to the same words, in the same order.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
+from . import _accel
 from .errors import HeapFullError, LayoutError
 
 __all__ = ["MIN_BLOCK", "NUM_CLASSES", "Heap", "heap_overhead"]
@@ -65,6 +69,12 @@ _HEADS: Final = _META_WORDS  # word index of the first list head, relative to th
 _ALLOCATED_BIT: Final = 1
 _SIZE_MASK: Final = ~(GRANULE - 1)
 _WORD_MASK: Final = (1 << 64) - 1
+
+
+if _accel.lib is not None:
+    _native_heap_alloc = _accel.lib.heap_alloc
+    _native_heap_free = _accel.lib.heap_free
+    _native_heap_extend = _accel.lib.heap_extend
 
 
 def size_class(size: int) -> int:
@@ -101,7 +111,16 @@ class Heap:
         Bytes of the region.
     """
 
-    __slots__ = ("_base", "_end_block", "_first_block", "_heads", "_words", "offset", "size")
+    __slots__ = (
+        "_address",
+        "_base",
+        "_end_block",
+        "_first_block",
+        "_heads",
+        "_words",
+        "offset",
+        "size",
+    )
 
     def __init__(self, buf: memoryview, offset: int, size: int, limit: int = 0) -> None:
         if offset % 8 or offset < 0 or size < heap_overhead() + MIN_BLOCK:
@@ -113,6 +132,8 @@ class Heap:
         self.offset = offset
         self.size = size
         self._words = buf[: len(buf) & ~7].cast("Q")
+        # The words' address for the accelerator (0: the pure-Python path); _words keeps it.
+        self._address = _accel.address_of(self._words) if _accel.lib is not None else 0
         self._base = offset >> 3
         self._heads = self._base + _HEADS
         # Blocks start 8 bytes before a 16-byte boundary, so payloads are 16-aligned.
@@ -248,6 +269,11 @@ class Heap:
         AllocationError
             No free block is large enough; the heap is unchanged.
         """
+        if self._address:  # the accelerator: these very steps in C
+            payload: int = _native_heap_alloc(self._address, self.offset, self.size, nbytes)
+            if not payload:
+                raise self._full(nbytes)
+            return payload
         need = (nbytes + TAG_BYTES + GRANULE - 1) & _SIZE_MASK
         words, base = self._words, self._base
         if need <= 1024:
@@ -270,12 +296,7 @@ class Heap:
                     first = 64
                 high = words[base + _BITMAP_HIGH] >> (first - 64)
                 if not high:
-                    raise HeapFullError(
-                        f"heap full: no free block for {nbytes} bytes "
-                        f"({words[base + _FREE_BYTES]} bytes free in "
-                        f"{words[base + _FREE_BLOCKS]} blocks of a {self.size}-byte heap)",
-                        nbytes,
-                    )
+                    raise self._full(nbytes)
                 klass = first + (high & -high).bit_length() - 1
             block = words[self._heads + klass]
         size = words[block >> 3]
@@ -301,6 +322,16 @@ class Heap:
         words[base + _ALLOCATED] += 1
         return block + 8
 
+    def _full(self, nbytes: int) -> HeapFullError:
+        """The error of an allocation of ``nbytes`` that no free block can take."""
+        words, base = self._words, self._base
+        return HeapFullError(
+            f"heap full: no free block for {nbytes} bytes "
+            f"({words[base + _FREE_BYTES]} bytes free in "
+            f"{words[base + _FREE_BLOCKS]} blocks of a {self.size}-byte heap)",
+            nbytes,
+        )
+
     def free(self, payload: int) -> None:
         """Return the block whose payload starts at ``payload`` to the heap.
 
@@ -310,6 +341,10 @@ class Heap:
             ``payload`` is not an allocated block of this heap (e.g. freed twice,
             detected on a best-effort basis: once reused, a block is allocated again).
         """
+        if self._address and not _native_heap_free(
+            self._address, self.offset, self.size, self._end_block, payload
+        ):
+            return  # the accelerator freed it; on a refusal the checks below say why
         block = payload - 8
         words = self._words
         if not self._first_block <= block < self._end_block or block & 15 != 8:
@@ -363,6 +398,11 @@ class Heap:
         crash in the middle leaves tags that :meth:`rebuild` rewrites from the
         recorded limit (the caller calls it inside a journalled mutation).
         """
+        if self._address:  # the accelerator: these very steps in C
+            self._end_block = _native_heap_extend(
+                self._address, self.offset, self.size, self._end_block, limit
+            )
+            return
         limit = min(limit, self.size)
         old_end, new_end = self._end_block, self._end_for(limit)
         if new_end - old_end < MIN_BLOCK:
@@ -518,6 +558,7 @@ class Heap:
 
     def release(self) -> None:
         """Drop this object's view of the block (so the block can be unmapped)."""
+        self._address = 0
         self._words.release()
 
     @property

@@ -433,6 +433,10 @@ class Hold:
         self._holding = True
         return True
 
+    def held(self) -> None:
+        """HOLD was taken shared on this description already (an accelerated open)."""
+        self._holding = True
+
     def create_owned(self) -> None:
         """A block just created: its creator owns it (nobody else can hold it yet)."""
         if not self.locks.try_lock(OWNER, exclusive=True):  # pragma: no cover - a new file

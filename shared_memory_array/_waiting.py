@@ -85,6 +85,16 @@ class Signal:
         self._waiters_address = base + waiters_offset
         self._locks = locks
 
+    @property
+    def notify_address(self) -> int:
+        """The address of the ``notify`` word (valid while the caller keeps the block mapped)."""
+        return self._address
+
+    @property
+    def waiters_address(self) -> int:
+        """The address of the ``waiters`` word (as :attr:`notify_address`)."""
+        return self._waiters_address
+
     def release(self) -> None:
         """Drop the views (so the block can be unmapped)."""
         self._notify.release()

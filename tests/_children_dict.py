@@ -102,6 +102,16 @@ def write_forever(name: str, ready: Any) -> None:
             ready.set()
 
 
+def python_path(shared: SharedDict) -> SharedDict:
+    """Take ``shared`` off the accelerator (``_accel``): fault injection patches the Python
+    twins, which the accelerator's C steps never call (``tests/test_native.py`` kills the C
+    steps at every store instead)."""
+    shared._fast = None
+    shared._table.core = None
+    shared._table.heap._address = 0
+    return shared
+
+
 def die_inside(name: str, where: str) -> None:
     """Start ``d["k0"] = ...`` and SIGKILL this process at a chosen point inside it.
 
@@ -110,7 +120,7 @@ def die_inside(name: str, where: str) -> None:
     replaced entry not yet freed) or ``"update"`` (three of six slots of an
     ``update`` published).
     """
-    shared = SharedDict.attach(name)
+    shared = python_path(SharedDict.attach(name))
 
     def kill_after(method: str) -> None:
         original = getattr(Heap, method)
@@ -153,7 +163,7 @@ def kill_at_alloc(calls: int) -> None:
 
 def die_inside_update(name: str) -> None:
     """Run ``update`` of ``k0``..``k9`` and SIGKILL this process after 5 of its 10 slots changed."""
-    shared = SharedDict.attach(name)
+    shared = python_path(SharedDict.attach(name))
     kill_at_alloc(7)  # the journal, then one entry per key: five published, the sixth allocating
     shared.update({f"k{i}": "new" for i in range(10)})
 

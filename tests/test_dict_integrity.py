@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from _children_dict import PORTABLE_KEYS, die_inside_repair, die_inside_update
+from _children_dict import PORTABLE_KEYS, die_inside_repair, die_inside_update, python_path
 from _children_dict import update_and_clear_forever as alternate
 from conftest import has
 
@@ -212,6 +212,7 @@ def test_memory_error_inside_lock_leaves_no_half_update(
     shared: SharedDict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A plain MemoryError caught inside lock() leaves update() unapplied and no armed journal."""
+    python_path(shared)  # the fault is injected into the Python twin of the heap
     old = {f"k{i}": "old" for i in range(10)}
     shared.update(old)
     original = Heap.alloc

@@ -22,6 +22,13 @@ seqlock-style, and keeps the result only if no mutation was in progress and the
 version did not move meanwhile (else, and on other architectures, it reads
 under the lock); see :meth:`SharedDict._fetch`. ``len()`` reads the count the
 same way.
+
+Where the accelerator is used (:mod:`.._accel`), four steps run whole in C, one call each:
+a read (:meth:`SharedDict._fetch`), a store of one item (``__setitem__``), a removal
+(``__delitem__``) and ``increment`` of a raw number. Each takes the lock, checks what
+:meth:`SharedDict._acquire` checks and follows the protocol of :mod:`._journal`; anything
+unusual (a repair or a growth due, a full table or heap, a holder that died) changes
+nothing and hands the step to the Python path below, which then does it as it always did.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import operator
 import pickle
 import platform
 import re
+import threading
 import weakref
 import zlib
 from collections.abc import (
@@ -45,15 +53,17 @@ from collections.abc import (
 )
 from ctypes import addressof, c_char
 from types import TracebackType
-from typing import Any, ClassVar, Final, Generic, NoReturn, SupportsIndex, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, NoReturn, SupportsIndex, overload
 
 from typing_extensions import Self, TypeVar
 
+from .. import _accel
 from .._block import PREFIX
 from .._handle import BlockHandle
 from .._header import BlockKind, align, encode_header
 from .._heap import heap_overhead
 from .._platform import backend
+from .._process import current_identity
 from .._waiting import deadline_of
 from ..errors import (
     AllocationError,
@@ -87,6 +97,9 @@ from ._lock import DictLock, FileLock, MutexLock, ProcessLock
 from ._store import INITIAL_HEAP_RESERVE, DataBlock, data_name, grow
 from ._table import Table, decode_value, encode_value
 
+if TYPE_CHECKING:
+    from .._native import Core as NativeCore
+
 __all__ = ["SharedDict", "SharedDictLock", "ZeroCopyDict"]
 
 # Unsolved (SharedDict.create(...) alone) they default to Any, like a bare ``dict``.
@@ -103,6 +116,7 @@ _loads = pickle.loads
 # of _fetch and __len__ are sound there. Elsewhere every read takes the lock.
 _LOCK_FREE_READS: Final = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
 _crc32 = zlib.crc32
+_get_ident = threading.get_ident
 
 
 class _Closed:
@@ -118,6 +132,11 @@ class _Closed:
         raise ClosedError(f"SharedDict {self.name!r} is closed")
 
     __getitem__ = __setitem__ = acquire = _fail
+
+
+def _is_number(value: object) -> bool:
+    """Whether ``increment`` takes ``value``: any number but a bool."""
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
 
 
 def _block_name(name: object, *, for_attach: bool) -> str:
@@ -259,6 +278,8 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
     _table: Table
     _journal: Journal
     _ctl: memoryview  # the data block's control words (the cache-hit path reads VERSION)
+    # The accelerator's whole locked steps over the current data block (None: the Python path).
+    _fast: NativeCore | None = None
     _cache: dict[object, object]
     _cache_version: int = -1
     _clean_failure: bool = False
@@ -479,7 +500,32 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         self._ctl = table.ctl.words
         self._journal = Journal(table, self._forget)
         self.max_items = table.max_items
+        self._fast = self._bind_fast(table, data.generation)
         self._forget()
+
+    def _bind_fast(self, table: Table, generation: int) -> NativeCore | None:
+        """The table's accelerator core, bound to this dict's lock and words (or None)."""
+        core = table.core
+        if core is None or self._entry.lock_kind != LOCK_MUTEX:
+            return None
+        block = self._live_block()
+        header = self._header
+        assert header is not None
+        view = block.buf[:]  # the core's own: the entry block stays mapped while it runs
+        base = _accel.address_of(view)
+        if not base:
+            return None
+        signal = self._notify  # made by _setup before the data (None: an older block)
+        core.bind_lock(
+            view,
+            base + header.data_offset + MUTEX_OFFSET,
+            base + header.data_offset,  # the generation word
+            generation,
+            signal.notify_address if signal is not None else 0,
+            signal.waiters_address if signal is not None else 0,
+            current_identity,
+        )
+        return core
 
     # -- the lifetime rule: what is this kind's own ---------------------------------------
 
@@ -522,6 +568,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             return
         # Lock-free paths read _ctl, every other path takes _lock first: both raise now.
         closed = _Closed(self._dict_name)
+        self._fast = None
         self._ctl = closed  # type: ignore[assignment]
         self._lock = closed  # type: ignore[assignment]
         self._cache = {}
@@ -559,6 +606,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         self._data_swap(DataBlock.open(self.block_name, self._entry.generation), old)
 
     def _data_swap(self, new: DataBlock, old: DataBlock) -> None:
+        self._fast = None
         self._table.release()
         self._use_data(new)
         old.close()
@@ -666,6 +714,14 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         repeated under the lock. The value is copied out before it is checked
         and decoded only after, so a torn read is never decoded.
         """
+        fast = self._fast
+        if fast is not None:  # the accelerator: both reads in C (the lock unless held here)
+            lock = self._lock
+            found = fast.get(
+                encoded, key_hash, _LOCK_FREE_READS, not lock._depth or lock._owner != _get_ident()
+            )
+            if found is not None:
+                return found
         table = self._table
         if _LOCK_FREE_READS:
             ctl = self._ctl
@@ -739,6 +795,19 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
 
     def __setitem__(self, key: _K, value: _V) -> None:
         encoded, key_hash, original, stored = _encode_item(key, value)
+        fast = self._fast
+        if fast is not None:  # the accelerator: the whole locked step in C
+            lock = self._lock
+            thread_lock = lock._thread_lock  # this process's other threads, and the cache
+            thread_lock.acquire()
+            try:
+                # Not inside this thread's own locked step (the mutex is not re-entrant).
+                version = None if lock._depth else fast.store(encoded, key_hash, original, *stored)
+                if version is not None:
+                    self._after_fast(version, key, value, stored[1])
+                    return
+            finally:
+                thread_lock.release()
         self._acquire()
         try:
             with self._mutation:
@@ -752,6 +821,21 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             self._unlock()
 
     def __delitem__(self, key: _K) -> None:
+        fast = self._fast
+        if fast is not None:  # the accelerator: the whole locked step in C
+            encoded, _ = encode_key(key)
+            lock = self._lock
+            thread_lock = lock._thread_lock
+            thread_lock.acquire()
+            try:
+                removed = None if lock._depth else fast.remove(encoded, _crc32(encoded), False)
+                if removed is False:
+                    raise KeyError(key)
+                if removed is not None:
+                    self._after_fast(removed[0], key, ABSENT, b"")
+                    return
+            finally:
+                thread_lock.release()
         self._pop(key, _MISSING, want_value=False)
 
     def _remove(self, index: int, word: int) -> None:
@@ -841,10 +925,23 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         TypeError
             The value at ``key`` (or ``amount``) is not a number; nothing changed.
         """
-        if not isinstance(amount, numbers.Number) or isinstance(amount, bool):
-            raise TypeError(f"increment() needs a number, not {type(amount).__name__}")
+        number = type(amount)  # int and float first: the ABC check costs more than the step
+        if number is not int and number is not float and not _is_number(amount):
+            raise TypeError(f"increment() needs a number, not {number.__name__}")
         encoded, exact = encode_key(key)
         key_hash = _crc32(encoded)
+        fast = self._fast
+        if fast is not None:  # the accelerator: the whole locked step in C
+            lock = self._lock
+            thread_lock = lock._thread_lock
+            thread_lock.acquire()
+            try:
+                stepped = None if lock._depth else fast.increment(encoded, key_hash, amount)
+                if stepped is not None:
+                    self._after_fast(stepped[0], key, stepped[1], b"")
+                    return stepped[1]
+            finally:
+                thread_lock.release()
         self._acquire()
         try:
             table = self._table
@@ -894,6 +991,14 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
                 return False
             self[key] = new
             return True
+
+    def _after_fast(self, version: int, key: object, value: object, data: bytes) -> None:
+        """The cache after a mutation the accelerator made (as :meth:`_begin` and
+        :meth:`_after_change` leave it); this process's thread lock is held."""
+        if version - 1 != self._cache_version:
+            self._cache.clear()
+        self._cache_version = version
+        self._after_change(key, value, data)
 
     def _after_change(self, key: object, value: object, data: bytes) -> None:
         if type(key) in CACHEABLE_KEYS:

@@ -233,6 +233,11 @@ class UpdateJournal:
     def __init__(self, words: memoryview, offset: int) -> None:
         self._words, self._at = words, offset >> 3
 
+    @property
+    def offset(self) -> int:
+        """The journal's heap offset (the accelerator's put records into it itself)."""
+        return self._at << 3
+
     def record(self, index: int, old_word: int) -> None:
         """Append ``(index, old_word)``, before slot ``index`` changes."""
         words, at = self._words, self._at

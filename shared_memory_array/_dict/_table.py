@@ -13,6 +13,10 @@ replaced in place by one store; a table rebuild fills the inactive table and
 switches to it by the store of the ``active`` word. So a slot always points at
 a complete entry, and a reader that does not lock (seqlock-style, see the
 facade) never sees half of a change it then keeps.
+
+Where the accelerator is used (:mod:`.._accel`), :attr:`Table.core` does :meth:`~Table.probe`,
+:meth:`~Table.put`, :meth:`~Table.entry_value`, :meth:`~Table.set_number` and
+:meth:`~Table.unpublish` in C: the same steps, the same stores in the same order.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import struct
 import zlib
 from typing import TYPE_CHECKING, Any, Final
 
+from .. import _accel
 from .._heap import Heap
 from ..errors import LayoutError, TableFullError
 from ._keys import decode_key
@@ -52,6 +57,7 @@ from ._layout import (
 )
 
 if TYPE_CHECKING:
+    from .._native import Core as NativeCore
     from ._journal import UpdateJournal
 
 __all__ = ["Table", "Value", "decode_value", "encode_value"]
@@ -63,6 +69,10 @@ _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
 _crc32 = zlib.crc32
 _dumps = pickle.dumps
+# The accelerator's answers that stand for an error (its STATUS_* constants; a test checks).
+_STATUS_TABLE_FULL: Final = -1
+_STATUS_NO_EMPTY_SLOT: Final = -3
+_STATUS_CORRUPT: Final = -4
 
 # (kind, bytes): how a value is stored.
 Value = tuple[int, bytes]
@@ -99,6 +109,7 @@ class Table:
 
     __slots__ = (
         "buf",
+        "core",
         "ctl",
         "fill_limit",
         "hbuf",
@@ -131,9 +142,32 @@ class Table:
         self.mask = geometry.slots - 1
         self.shift = fibonacci_shift(geometry.slots)
         self.fill_limit = fill_limit(geometry.slots)
+        self.core = self._native_core(buf) if _accel.lib is not None else None
+
+    def _native_core(self, buf: memoryview) -> NativeCore | None:
+        """The accelerator's view of this block (it keeps a view of its own: the mapping stays
+        while a call into it runs); ``None`` where the block is not writable."""
+        assert _accel.lib is not None
+        address = _accel.address_of
+        ctl, heap = address(self.ctl.words), address(self.hbuf)
+        tables = [address(table) for table in self.tables]
+        if not (ctl and all(tables) and heap):
+            return None
+        return _accel.lib.Core(
+            pins=buf[:],
+            ctl=ctl,
+            table0=tables[0],
+            table1=tables[1],
+            slots=self.slots,
+            hbuf=heap,
+            hbuf_len=len(self.hbuf),
+            max_items=self.max_items,
+            fill_limit=self.fill_limit,
+        )
 
     def release(self) -> None:
         """Release every view of the block (the caller releases ``buf``)."""
+        self.core = None  # its own view goes with the last call into it
         self.heap.release()
         self.ctl.release()
         for view in (self.hwords, self.hbuf, *self.tables):
@@ -152,6 +186,12 @@ class Table:
         when absent, index -1, the word of the slot where the key would go (0 or
         a tombstone) and that slot's index.
         """
+        core = self.core
+        if core is not None:  # the accelerator: this probe in C
+            found = core.probe(encoded, key_hash)
+            if type(found) is tuple:
+                return found
+            raise self._status_error(found)  # type: ignore[arg-type]
         table = self.tables[self.ctl.words[ACTIVE] & 1]
         index = ((key_hash * 0x9E3779B1) & 0xFFFFFFFF) >> self.shift
         word = table[index]
@@ -193,8 +233,20 @@ class Table:
             return -1, TOMBSTONE, insert_at
         raise LayoutError(f"SharedDict {self.name!r}: hash table has no empty slot (corrupt)")
 
+    def _status_error(self, status: int) -> Exception:
+        """The error the pure path raises where the accelerator answers ``status``."""
+        if status == _STATUS_NO_EMPTY_SLOT:
+            return LayoutError(f"SharedDict {self.name!r}: hash table has no empty slot (corrupt)")
+        if status == _STATUS_CORRUPT:
+            return IndexError(f"SharedDict {self.name!r}: an entry lies outside the heap (corrupt)")
+        return LayoutError(f"SharedDict {self.name!r}: table status {status} (corrupt)")
+
     def entry_value(self, entry: int) -> tuple[int, memoryview]:
         """``(kind, bytes)`` of the current value of ``entry`` (a view into the block)."""
+        core = self.core
+        if core is not None:  # the accelerator: this in C
+            kind, start, length = core.entry_value(entry)
+            return kind, self.hbuf[start : start + length]
         hwords = self.hwords
         at = entry >> 3
         state = hwords[at + 1]
@@ -286,6 +338,20 @@ class Table:
         rolled back.
         """
         kind, data = value
+        core = self.core
+        if core is not None:  # the accelerator: this put in C
+            at = journal.offset if journal is not None else 0
+            done = core.put(encoded, key_hash, original, kind, data, at)
+            if type(done) is tuple and done[0] >= 0:
+                return done
+            if type(done) is tuple:  # (STATUS_HEAP_FULL, bytes requested)
+                raise self.heap._full(done[1])
+            if done == _STATUS_TABLE_FULL:
+                raise self._table_full()
+            live = len(self.live_words())
+            if done == _STATUS_CORRUPT and live >= self.fill_limit:  # the rebuild refused
+                raise LayoutError(f"SharedDict {self.name!r}: table holds {live} entries (corrupt)")
+            raise self._status_error(done)  # type: ignore[arg-type]
         index, old_word, insert_at = self.probe(encoded, key_hash)
         ctl, hwords, hbuf = self.ctl.words, self.hwords, self.hbuf
         length = len(data)
@@ -309,13 +375,9 @@ class Table:
             # An update: a small value gets two areas, so that its next updates go in place.
             areas_word, room = TWO_AREAS[length] if length <= TWO_AREA_LIMIT else (length, length)
         else:
-            count = ctl[COUNT]
-            if count >= self.max_items:
-                raise TableFullError(
-                    f"SharedDict {self.name!r} is full: {count} keys of max_items {self.max_items}",
-                    1,
-                )
-            if count + ctl[TOMBSTONES] >= self.fill_limit and not old_word:
+            if ctl[COUNT] >= self.max_items:
+                raise self._table_full()
+            if ctl[COUNT] + ctl[TOMBSTONES] >= self.fill_limit and not old_word:
                 self.rebuild()
                 _, old_word, insert_at = self.probe(encoded, key_hash)
             index = insert_at
@@ -340,6 +402,12 @@ class Table:
                 ctl[TOMBSTONES] -= 1
         return index, old_word
 
+    def _table_full(self) -> TableFullError:
+        count = self.ctl.count
+        return TableFullError(
+            f"SharedDict {self.name!r} is full: {count} keys of max_items {self.max_items}", 1
+        )
+
     def set_number(self, entry: int, value: Value) -> bool:
         """Replace the raw number of ``entry`` by ``value`` (kind and 8 bytes) with one store.
 
@@ -347,6 +415,9 @@ class Table:
         the entry holds no raw number, or a one-area entry would change kind.
         """
         kind, raw = value
+        core = self.core
+        if core is not None:  # the accelerator: this in C
+            return core.set_number(entry, kind, raw)
         hwords = self.hwords
         at = entry >> 3
         state, areas_word = hwords[at + 1], hwords[at + 2]
@@ -367,6 +438,11 @@ class Table:
 
     def unpublish(self, index: int, word: int) -> None:
         """Empty slot ``index`` (holding ``word``) and free its entry."""
+        core = self.core
+        if core is not None:  # the accelerator: this in C
+            if core.unpublish(index, word):
+                self.heap.free(word & OFFSET_MASK)  # refused: the same checks say why
+            return
         ctl = self.ctl.words
         table = self.tables[ctl[ACTIVE] & 1]
         if table[(index + 1) & self.mask]:

@@ -200,6 +200,17 @@ class Backend:
         """
         raise NotImplementedError
 
+    def open_held(
+        self, system_name: str, *, writable: bool, header_bytes: int
+    ) -> tuple[int, os.stat_result, bytes] | None:
+        """:meth:`open_block`, :meth:`fstat`, the trust check and HOLD in one step, if it can.
+
+        Returns ``(descriptor, its fstat, the first header_bytes of the block)`` with HOLD
+        held shared on the descriptor, or ``None``: the caller takes those steps one by
+        one (which also says why one of them fails). Only the accelerator does it here.
+        """
+        return None
+
     def fstat(self, fd: int) -> os.stat_result:
         """``fstat`` of a block's descriptor."""
         return os.fstat(fd)

@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable
 from typing import ClassVar, Final
 
+from .. import _accel
 from ..errors import BlockExistsError, BlockNotFoundError, UntrustedBlockError
 from . import _common
 from ._common import HOLD, Backend, BlockLocks, Limits, exhausted
@@ -300,6 +301,18 @@ class LinuxBackend(Backend):
             with contextlib.suppress(OSError):
                 os.fchmod(fd, 0o600)  # whatever the umask made of it
         return fd
+
+    def open_held(
+        self, system_name: str, *, writable: bool, header_bytes: int
+    ) -> tuple[int, os.stat_result, bytes] | None:
+        """The accelerator's attach step: open, fstat, trust, HOLD and header in one call."""
+        if _accel.lib is None:
+            return None
+        answer = _accel.lib.open_held(self._path(system_name), writable, header_bytes)
+        if type(answer) is int:
+            return None  # refused, or an error: the step by step path says which
+        fd, fields, header = answer  # type: ignore[misc]
+        return fd, os.stat_result(fields), header
 
     def unlink(self, system_name: str) -> bool:
         try:
@@ -574,6 +587,22 @@ class LinuxBackend(Backend):
             if best[0] is None or best[1] is None or limit - used < best[0] - best[1]:
                 best = (limit, used, os.path.dirname(limit_file))
         return best
+
+
+# Where the accelerator is used, these calls are its C twins: the same glibc and futex calls
+# (a bump is an atomic add then FUTEX_WAKE, one with FUTEX_WAKE_OP), the GIL released too.
+_accel.install(
+    LinuxBackend,
+    (
+        "futex_wait",
+        "futex_wake",
+        "futex_add",
+        "mutex_init",
+        "mutex_lock",
+        "mutex_consistent",
+        "mutex_unlock",
+    ),
+)
 
 
 def _open_error(name: str, exc: OSError) -> Exception:
