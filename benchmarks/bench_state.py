@@ -64,7 +64,7 @@ def _array_latencies(rounds: int) -> list[float]:
         )
         child.start()
         ready.wait(60)
-        ack = stamps.notify() - 1
+        ack = stamps.notify()  # the generation the waiter's first acknowledgement moves on
         for index in range(rounds):
             time.sleep(0.0002)  # let the waiter go back to sleep
             view[index] = time.perf_counter_ns()
@@ -96,7 +96,7 @@ def _dict_latencies(rounds: int) -> list[float]:
         child = _context.Process(target=_dict_waiter, args=(name, rounds, ready, stamps.name))
         child.start()
         ready.wait(60)
-        ack = stamps.notify() - 1
+        ack = stamps.notify()  # the generation the waiter's first acknowledgement moves on
         for index in range(rounds):
             time.sleep(0.0002)
             view[index] = time.perf_counter_ns()
@@ -129,21 +129,24 @@ def _event_latencies(rounds: int) -> list[float]:
     return [float(value) / 1e9 for value in stamps]
 
 
-def _condition_waiter(condition: Any, state: Any, stamps: Any, rounds: int) -> None:
+def _condition_waiter(condition: Any, state: Any, done: Any, stamps: Any, rounds: int) -> None:
     for index in range(rounds):
         with condition:
             condition.wait_for(lambda i=index: state.value > i)
         stamps[index] = time.perf_counter_ns() - stamps[index]
         with condition:
-            state.value += 0  # nothing: the parent polls stamps through its own condition
+            done.value = index + 1  # the acknowledgement
             condition.notify_all()
 
 
 def _condition_latencies(rounds: int) -> list[float]:
     condition = _context.Condition()
     state = _context.Value("q", 0, lock=False)
+    done = _context.Value("q", 0, lock=False)
     stamps = _context.Array("q", rounds, lock=False)
-    child = _context.Process(target=_condition_waiter, args=(condition, state, stamps, rounds))
+    child = _context.Process(
+        target=_condition_waiter, args=(condition, state, done, stamps, rounds)
+    )
     child.start()
     for index in range(rounds):
         time.sleep(0.0002)
@@ -151,7 +154,7 @@ def _condition_latencies(rounds: int) -> list[float]:
             stamps[index] = time.perf_counter_ns()
             state.value = index + 1
             condition.notify_all()
-            condition.wait_for(lambda i=index: stamps[i] < 10**15)
+            condition.wait_for(lambda i=index: done.value > i)
     child.join(60)
     return [float(value) / 1e9 for value in stamps]
 
@@ -165,23 +168,37 @@ def latency_table(rounds: int) -> Table:
     """Wake-up latency, ours beside multiprocessing's Event and Condition."""
     table = Table(
         f"Wake-up latency: notify in one process to return from wait in another ({rounds} rounds)",
-        ["primitive", "median", "p99", "median vs multiprocessing.Event"],
+        ["primitive", "median", "p99", "median vs mp.Event", "median vs mp.Condition"],
     )
+    event, condition = "multiprocessing.Event set / wait", "multiprocessing.Condition notify_all"
     runs = {
         "SharedArray.notify / wait": _array_latencies,
         "SharedDict change / wait_for": _dict_latencies,
-        "multiprocessing.Event set / wait": _event_latencies,
-        "multiprocessing.Condition notify_all / wait_for": _condition_latencies,
+        event: _event_latencies,
+        condition: _condition_latencies,
     }
-    results = {label: run(rounds) for label, run in runs.items()}
-    event = statistics.median(results["multiprocessing.Event set / wait"])
+    # Interleaved passes, each after a short warm-up of its own, so that a drift of the
+    # machine's speed during the run touches every primitive alike.
+    results: dict[str, list[float]] = {label: [] for label in runs}
+    passes = 4
+    for _ in range(passes):
+        for label, run in runs.items():
+            run(20)
+            results[label] += run(max(1, rounds // passes))
+    medians = {label: statistics.median(values) for label, values in results.items()}
     for label, values in results.items():
-        median = statistics.median(values)
-        versus = "-" if label.startswith("multiprocessing.Event") else ratio(median, event)
-        table.add(label, fmt_time(median), fmt_time(_percentile(values, 0.99)), versus)
+        ours = not label.startswith("multiprocessing")
+        table.add(
+            label,
+            fmt_time(medians[label]),
+            fmt_time(_percentile(values, 0.99)),
+            ratio(medians[label], medians[event]) if ours else "-",
+            ratio(medians[label], medians[condition]) if ours else "-",
+        )
     table.note(
         "Each round: the waiter sleeps, the other process stamps the time and notifies (or "
-        "sets, or changes the dict); the waiter subtracts the stamp when its wait returns."
+        "sets, or changes the dict); the waiter subtracts the stamp when its wait returns. "
+        f"{passes} interleaved passes, each after 20 warm-up rounds."
     )
     return table
 
@@ -206,16 +223,14 @@ def _private_memory() -> int:
 def _modify_one_percent(token: str, private: bool, results: Any) -> None:
     before = _private_memory()
     array = read(token, private=True) if private else np.array(read(token))
-    step = array.size // (array.size // 100)  # 1 % of the elements, spread over the array
     array[: array.size // 100] += 1  # a contiguous 1 %: the pages of 1 % of the array
-    del step
     results.put(_private_memory() - before)
 
 
 def memory_table(nbytes: int) -> Table:
     """A reader modifying 1 % of an array: private view against a full copy."""
     table = Table(
-        f"A reader that modifies 1 % of a {fmt_size(nbytes)} array: its extra memory",
+        f"A reader that modifies 1 % of a {nbytes / 1e6:g} MB array: its extra memory",
         ["reader", "extra private memory", "vs np.array(read(token))"],
     )
     token = write(np.zeros(nbytes // 8, dtype=np.float64), threshold=0)
@@ -227,12 +242,13 @@ def memory_table(nbytes: int) -> Table:
             child.start()
             figures[private] = results.get(timeout=120)
             child.join(60)
+        less = figures[False] / figures[True] if figures[True] > 0 else float("inf")
         table.add(
             "read(token, private=True)",
-            fmt_size(figures[True]),
-            ratio(figures[True], figures[False]),
+            f"{figures[True] / 1e6:.1f} MB",
+            f"ours uses {less:.1f}× less",
         )
-        table.add("np.array(read(token))", fmt_size(figures[False]), "-")
+        table.add("np.array(read(token))", f"{figures[False] / 1e6:.1f} MB", "-")
     finally:
         release(token)
     table.note("Private memory from /proc/self/smaps_rollup, after minus before, in the reader.")

@@ -27,6 +27,7 @@ BENCHMARKS = [
     "bench_reuse.py",
     "bench_dict.py",
     "bench_memory.py",
+    "bench_state.py",  # waiting, private views, huge pages (the huge-page row needs root)
     "bench_cluster.py",  # Dask and Ray rows only where the dask/ray extras are installed
 ]
 
