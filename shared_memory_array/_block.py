@@ -62,6 +62,7 @@ from ._platform import PREFIX, backend, exhausted
 from .errors import AllocationError, BlockBusyError, BlockNotFoundError
 
 __all__ = [
+    "GENERATED_NAME_EXAMPLE",
     "GENERATED_NAME_PATTERN",
     "PREFIX",
     "SharedBlock",
@@ -75,6 +76,8 @@ MAX_NAME_LENGTH: Final = 250  # NAME_MAX (255) of a tmpfs, in bytes, less a marg
 _RANDOM_NAME_HEX: Final = 16
 GENERATED_NAME_PATTERN: Final = re.escape(PREFIX) + f"[0-9a-f]{{{_RANDOM_NAME_HEX}}}"
 """Regular expression matching exactly the names :func:`new_name` generates."""
+GENERATED_NAME_EXAMPLE: Final = PREFIX + "0" * _RANDOM_NAME_HEX
+"""A name as long as every name :func:`new_name` generates (to plan a header's size)."""
 _HEADER_READ: Final = 4096  # bytes read at once for a header: every common header fits
 
 

@@ -35,6 +35,7 @@ from numpy.typing import NDArray
 
 from . import _codec
 from ._array import SharedArray
+from ._block import PREFIX
 from ._codec import Token, is_shared_token
 from ._dict import SharedDict
 
@@ -96,7 +97,7 @@ def _array_from_value(array: NDArray[Any]) -> SharedArray:
 def _dict_from_value(
     name: str, max_items: int, heap_size: int, items: list[tuple[Any, Any]]
 ) -> SharedDict:
-    base = name.removeprefix("sma_")[:180]
+    base = name.removeprefix(PREFIX)[:180]
     copy = SharedDict.create(f"{base}-{uuid.uuid4().hex[:8]}", max_items, heap_size)
     try:
         copy.update(items)

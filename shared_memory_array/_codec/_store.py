@@ -55,6 +55,7 @@ from typing import Any, ClassVar, Final
 
 from typing_extensions import Self
 
+from .._block import GENERATED_NAME_EXAMPLE
 from .._handle import BlockHandle
 from .._header import BlockKind, align, encode_header, header_size_for
 from ..errors import BlockBusyError, BlockNotFoundError, LayoutError
@@ -119,7 +120,7 @@ class CodecBlock(BlockHandle):
             Shared memory, an inode or a file descriptor is not available.
         """
         # Every generated name has the same length: the plan holds for the one drawn.
-        layout = plan(pickled, "sma_" + "0" * 16)
+        layout = plan(pickled, GENERATED_NAME_EXAMPLE)
         self = cls._create(align(layout.block_size, mmap.PAGESIZE))
         with self._creating():
             self.store(pickled, layout, 0, by_descriptor=True)

@@ -56,6 +56,7 @@ import warnings
 from typing import Final
 
 from .. import _populate, _reaper
+from .._block import GENERATED_NAME_EXAMPLE
 from .._header import align
 from .._platform import backend
 from .._process import ForkPhase, at_fork, wait_thread_exit
@@ -72,7 +73,6 @@ POOL_IDLE_SECONDS: Final = 2.0
 COLLECT_INTERVAL: Final = 0.5
 """How often the writer's collector frees blocks that other processes released."""
 _MAX_REUSE_WASTE: Final = 2  # reuse a pooled block at most this many times too big
-_GENERATED_NAME: Final = "sma_" + "0" * 16  # every generated name has this length
 
 
 def default_pool_bytes() -> int:
@@ -154,7 +154,7 @@ class Writer:
 
     def write(self, pickled: Pickled, identity: str) -> str:
         """Store ``pickled`` in a new or pooled block; return its shared-memory token."""
-        layout = plan(pickled, _GENERATED_NAME)
+        layout = plan(pickled, GENERATED_NAME_EXAMPLE)
         with self._lock:
             self._collect_released()
             entry = self._take_from_pool(layout.block_size)
