@@ -1,10 +1,11 @@
-"""Zero-copy numpy arrays, pickled objects and a dict in named POSIX shared memory.
+"""Zero-copy numpy arrays, pickled objects and a dict in named shared memory.
 
-Layers, bottom up: ``_block`` (named blocks), ``_header`` (the self-describing
-header), ``_heap`` (an allocator inside a block), then what users touch:
-:class:`SharedArray`, the pickle-5 codec (:func:`write`, :func:`read`,
-:func:`release`, :class:`SharedData`), :class:`SharedDict`, and housekeeping
-(:func:`list_blocks`, :func:`cleanup`, ``python -m shared_memory_array``).
+What users touch: :class:`SharedArray`, the pickle-5 codec (:func:`write`,
+:func:`read`, :func:`release`, :class:`SharedData`), :class:`SharedDict`, and
+housekeeping (:func:`list_blocks`, :func:`cleanup`, ``python -m
+shared_memory_array``). The map of the layers beneath (platform, process,
+lifetime, block, header, handle, reaper, heap, then these) is the module
+table in the README's "Layers" section, the one place it is kept.
 """
 
 from ._array import ManagedSharedMemoryArray as ManagedSharedMemoryArray

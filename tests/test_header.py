@@ -23,6 +23,7 @@ from shared_memory_array._header import (
     encode_header,
     parse_header,
 )
+from shared_memory_array._platform import backend
 from shared_memory_array.testing import dtypes, shapes
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -196,3 +197,34 @@ def test_golden_v2_array_header_reads() -> None:
     assert parsed.lifetime_offset == parsed.header_size
     assert parsed.data_offset == parsed.header_size + 64
     assert raw[parsed.header_size : parsed.data_offset] == bytes(64)  # lifetime words, zero
+
+
+def test_golden_v3_array_header_reads_and_is_what_this_version_writes() -> None:
+    """A committed v3 header decodes with its name and 512-byte area, and encodes the same."""
+    raw = (FIXTURES / "header_v3_array_structured_f.bin").read_bytes()
+    parsed = parse_header(raw, expected_kind=BlockKind.ARRAY)
+    expected = np.dtype([("id", "<u4"), ("pos", "<f8", (3,)), ("tag", "S5")], align=True)
+    assert parsed.version == 3
+    assert parsed.dtype == expected
+    assert (parsed.shape, parsed.strides, parsed.fortran_order) == ((4, 2), (40, 160), True)
+    assert parsed.generation == 3
+    assert (parsed.creator_pid, parsed.creator_start) == (4242, 987654321)
+    assert parsed.block_id == bytes(range(16))
+    assert parsed.name == "golden_v3_array"
+    assert parsed.area_size == 512
+    assert parsed.data_offset == parsed.header_size + 512
+    assert parsed.nbytes == 320
+    again = encode_header(
+        BlockKind.ARRAY,
+        dtype=expected,
+        shape=(4, 2),
+        strides=(40, 160),
+        nbytes=320,
+        generation=3,
+        name="golden_v3_array",
+        creator=(4242, 987654321),
+        block_id=bytes(range(16)),
+        flags=HeaderFlags.READY | HeaderFlags.F_ORDER,
+    )
+    if not backend.lock_files:  # (the portable backend adds its PORTABLE flag)
+        assert again == raw[: parsed.data_offset]  # the format has not drifted
