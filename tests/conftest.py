@@ -10,8 +10,10 @@ directly, unless they check a mechanism only one backend has: those carry
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -102,6 +104,50 @@ def dead_identity() -> tuple[int, int]:
         return child.pid, 0
     pid, start = current_identity()
     return pid, start + 1
+
+
+# -- a private /dev/shm (destructive tests: a full or small one, another namespace) -----------
+
+
+@functools.cache
+def private_shm_problem() -> str | None:
+    """Why a child cannot get a fresh tmpfs on /dev/shm in its own mount namespace, or None."""
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return "needs Linux and unshare(1)"
+    if os.geteuid() != 0:
+        return "needs root for unshare -m and mount -t tmpfs"
+    probe = subprocess.run(
+        private_shm_command(["true"]), capture_output=True, text=True, timeout=60, check=False
+    )
+    if probe.returncode != 0:
+        return f"unshare -m with a tmpfs on /dev/shm failed: {probe.stderr.strip()}"
+    return None
+
+
+def needs_private_shm() -> None:
+    """Skip the calling test, saying why, where :func:`private_shm_command` cannot run."""
+    problem = private_shm_problem()
+    if problem is not None:
+        pytest.skip(f"no private /dev/shm: {problem}")
+
+
+def private_shm_command(argv: list[str], *, size: str | None = None) -> list[str]:
+    """``argv`` run in a private mount namespace with a fresh tmpfs (mode 1777) on /dev/shm.
+
+    As root only (see :func:`needs_private_shm`); nothing outside the child sees it.
+    """
+    options = "mode=1777" if size is None else f"mode=1777,size={size}"
+    return [
+        "unshare",
+        "-m",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'mount -t tmpfs -o {options} tmpfs /dev/shm && exec "$@"',
+        "sh",
+        *argv,
+    ]
 
 
 # -- blocks, as the platform layer sees them --------------------------------------------

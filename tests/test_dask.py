@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import needs_private_shm, private_shm_command
 
 from shared_memory_array import BlockNotFoundError, SharedArray, SharedDict, read, write
 from shared_memory_array._identity import shm_identity
@@ -35,23 +35,6 @@ sma_dask = pytest.importorskip("shared_memory_array.dask")
 
 
 TIMEOUT = 60
-
-
-def _can_unshare() -> str | None:
-    """Why a private /dev/shm cannot be made here, or None if it can."""
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        return "needs Linux and unshare(1)"
-    if os.geteuid() != 0:
-        return "needs root for unshare -m and mount -t tmpfs"
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"unshare -m with a tmpfs on /dev/shm failed: {probe.stderr.decode().strip()}"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +53,30 @@ def cluster() -> Iterator[tuple[Any, list[str]]]:
 @pytest.fixture(scope="module")
 def far(cluster: tuple[Any, list[str]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Address of a worker whose /dev/shm is a private tmpfs (skipped where impossible)."""
-    why = _can_unshare()
-    if why is not None:
-        pytest.skip(f"no far worker: {why}")
+    needs_private_shm()
     client, _ = cluster
     scheduler = client.scheduler.address
-    command = (
-        "mount -t tmpfs -o size=2g tmpfs /dev/shm && exec "
-        f"{sys.executable} -m distributed.cli.dask_worker {scheduler} --nthreads 1 "
-        "--no-nanny --no-dashboard --name far --preload shared_memory_array.dask"
+    command = private_shm_command(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            scheduler,
+            "--nthreads",
+            "1",
+            "--no-nanny",
+            "--no-dashboard",
+            "--name",
+            "far",
+            "--preload",
+            "shared_memory_array.dask",
+        ],
+        size="2g",
     )
     log = tmp_path_factory.mktemp("far") / "worker.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
-            ["unshare", "-m", "sh", "-c", command],
+            command,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             # the task bodies are this module's functions, pickled by reference
@@ -168,17 +161,9 @@ def test_identity_differs_behind_a_private_tmpfs_and_not_in_a_child() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True
     )
     assert child.stdout.strip() == shm_identity()
-    why = _can_unshare()
-    if why is not None:
-        pytest.skip(why)
+    needs_private_shm()
     private = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "sh",
-            "-c",
-            f"mount -t tmpfs tmpfs /dev/shm && {sys.executable} -c '{code}'",
-        ],
+        private_shm_command([sys.executable, "-c", code]),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -329,25 +314,20 @@ def test_pickled_handle_on_far_worker_raises_clearly(
 
 def test_scheduler_behind_a_private_tmpfs_gets_the_graph_by_value(tmp_path: Path) -> None:
     """With a scheduler that cannot see our /dev/shm, a task still gets a correct (owned) copy."""
-    why = _can_unshare()
-    if why is not None:
-        pytest.skip(why)
+    needs_private_shm()
     scheduler_file = tmp_path / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     preload = "--preload shared_memory_array.dask"
-    scheduler_command = (
-        "mount -t tmpfs tmpfs /dev/shm && exec "
+    scheduler_command = private_shm_command(
         f"{sys.executable} -m distributed.cli.dask_scheduler --port 0 --no-dashboard "
-        f"--scheduler-file {scheduler_file} {preload}"
+        f"--scheduler-file {scheduler_file} {preload}".split()
     )
     worker_command = (
         f"{sys.executable} -m distributed.cli.dask_worker --scheduler-file {scheduler_file} "
         f"--nthreads 1 --no-nanny --no-dashboard {preload}"
     )
     with (tmp_path / "log").open("w") as log:
-        processes = [
-            subprocess.Popen(["unshare", "-m", "sh", "-c", scheduler_command], stderr=log, env=env)
-        ]
+        processes = [subprocess.Popen(scheduler_command, stderr=log, env=env)]
         try:
             processes.append(subprocess.Popen(worker_command.split(), stderr=log, env=env))
             with (

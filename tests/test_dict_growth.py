@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 from _children_v3 import grow_forever, insert_until_growth_then_die
+from conftest import needs_private_shm, private_shm_command
 
 from shared_memory_array import AllocationError, SharedDict, list_blocks
 
@@ -109,25 +109,11 @@ d.close()
 """
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare -m to mount a private 64 MiB /dev/shm",
-)
 def test_the_default_dict_works_in_a_64_mib_dev_shm() -> None:
     """SharedDict.create(name) in Docker's default 64 MiB /dev/shm, with 20,000 items."""
-    script = 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$0" -c "$1"'
+    needs_private_shm()
     done = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            sys.executable,
-            _FILL_A_SMALL_SHM,
-        ],
+        private_shm_command([sys.executable, "-c", _FILL_A_SMALL_SHM], size="64m"),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,

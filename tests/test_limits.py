@@ -11,13 +11,13 @@ root; each test skips with the reason where that is impossible.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from conftest import needs_private_shm, private_shm_command
 
 from shared_memory_array._platform import backend
 
@@ -46,19 +46,9 @@ print("allocated")
 
 
 def _in_a_small_tmpfs(size: str, nbytes: int) -> subprocess.CompletedProcess[str]:
-    script = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$0" -c "$1" {nbytes}'
+    needs_private_shm()
     return subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            sys.executable,
-            _TRY_ALLOCATE,
-        ],
+        private_shm_command([sys.executable, "-c", _TRY_ALLOCATE, str(nbytes)], size=size),
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -66,29 +56,17 @@ def _in_a_small_tmpfs(size: str, nbytes: int) -> subprocess.CompletedProcess[str
     )
 
 
-needs_namespace = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare -m to mount a private tmpfs",
-)
-
-
-@needs_namespace
 def test_a_request_larger_than_the_free_space_is_refused_naming_it() -> None:
     """100 MiB in a 64 MiB /dev/shm: AllocationError naming the filesystem and what is free."""
     done = _in_a_small_tmpfs("64m", 100 << 20)
-    if "mount" in done.stderr and done.returncode not in (0, 3):
-        pytest.skip(f"cannot mount a private tmpfs here: {done.stderr.strip()}")
     assert done.returncode == 3, (done.stdout, done.stderr)
     assert "/dev/shm has only" in done.stdout
     assert "bytes free" in done.stdout
 
 
-@needs_namespace
 def test_a_request_that_fits_is_allocated() -> None:
     """10 MiB in a 64 MiB /dev/shm: allocated, and a token written."""
     done = _in_a_small_tmpfs("64m", 10 << 20)
-    if "mount" in done.stderr and done.returncode != 0:
-        pytest.skip(f"cannot mount a private tmpfs here: {done.stderr.strip()}")
     assert done.returncode == 0, (done.stdout, done.stderr)
     assert "allocated" in done.stdout
 

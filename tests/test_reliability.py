@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import json
 import multiprocessing
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import pytest
 from _children_lifetimes import make_array
 from _children_reliability import owns, sum_after, sum_of
-from conftest import needs
+from conftest import needs, needs_private_shm, private_shm_command
 
 from shared_memory_array import (
     BlockNotFoundError,
@@ -88,31 +87,6 @@ def _python(code: str, *args: str, timeout: float = TIMEOUT) -> str:
     return done.stdout.strip()
 
 
-@functools.cache
-def _private_tmpfs_problem() -> str | None:
-    """Why this process cannot give a child a private tmpfs on /dev/shm, or None if it can."""
-    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
-        return "needs Linux and unshare(1)"
-    if os.geteuid() != 0:
-        return "needs root for unshare -m and mount -t tmpfs"
-    probe = subprocess.run(
-        ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-    if probe.returncode != 0:
-        return f"unshare -m with a tmpfs on /dev/shm failed: {probe.stderr.strip()}"
-    return None
-
-
-def _needs_private_tmpfs() -> None:
-    problem = _private_tmpfs_problem()
-    if problem is not None:
-        pytest.skip(f"no private /dev/shm: {problem}")
-
-
 # Run at the start of every script that runs in a private tmpfs (see _in_private_tmpfs).
 _TMPFS_TOOLS = '''
 import json, os, subprocess, sys
@@ -152,22 +126,10 @@ def _in_private_tmpfs(script: str, *, size: str) -> object:
     The script starts with :data:`_TMPFS_TOOLS` and prints one JSON value as its
     last line, which is returned.
     """
-    _needs_private_tmpfs()
+    needs_private_shm()
     code = _TMPFS_TOOLS + textwrap.dedent(script)
     done = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f'mount -t tmpfs -o mode=1777,size={size} tmpfs /dev/shm && exec "$@"',
-            "sh",
-            sys.executable,
-            "-c",
-            code,
-        ],
+        private_shm_command([sys.executable, "-c", code], size=size),
         capture_output=True,
         text=True,
         timeout=TIMEOUT * 4,
@@ -567,23 +529,17 @@ def test_unpickling_a_handle_it_cannot_reach_never_raises(where: str) -> None:
         owner.close()
         landed = pickle.loads(payload)
     elif where == "another host":
-        _needs_private_tmpfs()
+        needs_private_shm()
         # Made behind another tmpfs on /dev/shm: to a handle, another host.
         made = subprocess.run(
-            [
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                'mount -t tmpfs tmpfs /dev/shm && exec "$@"',
-                "sh",
-                sys.executable,
-                "-c",
-                "import pickle, numpy as np; from shared_memory_array import SharedArray; "
-                "print(pickle.dumps(SharedArray.copy(None, np.arange(10.0))).hex())",
-            ],
+            private_shm_command(
+                [
+                    sys.executable,
+                    "-c",
+                    "import pickle, numpy as np; from shared_memory_array import SharedArray; "
+                    "print(pickle.dumps(SharedArray.copy(None, np.arange(10.0))).hex())",
+                ]
+            ),
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
@@ -714,7 +670,7 @@ def test_forking_after_codec_use_does_not_warn() -> None:
 def test_dask_without_the_adapter_reports_a_far_handle_as_not_found() -> None:
     """A client that never imports the adapter gets BlockNotFoundError from a far task, no hang."""
     pytest.importorskip("distributed", reason="the dask extra is not installed")
-    _needs_private_tmpfs()
+    needs_private_shm()
     result = json.loads(
         _python(
             f"""
@@ -781,7 +737,7 @@ def test_dask_without_the_adapter_reports_a_far_handle_as_not_found() -> None:
 def test_ray_two_nodes_copies_go_and_far_handles_raise_block_not_found() -> None:
     """A far node behind its own /dev/shm: by-value copies leave nothing; a handle fails clearly."""
     pytest.importorskip("ray", reason="the ray extra is not installed")
-    _needs_private_tmpfs()
+    needs_private_shm()
     result = json.loads(
         _python(
             f"""
