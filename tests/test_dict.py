@@ -301,7 +301,7 @@ def test_update_is_all_or_nothing(reason: str) -> None:
         if reason == "table":
             batch = {f"n{i}": i for i in range(7)}
         else:
-            batch = {"a": "new", "z": b"q" * 1000, "y": b"q" * 3000}
+            batch = {"a": "new", "z": b"q" * 1000, "y": b"q" * 4000}  # 4096 + 8 entries: no room
         with pytest.raises(AllocationError):
             d.update(batch)
         assert dict(d.items()) == before

@@ -1,9 +1,11 @@
 """What the seed packages' users (and their own tests) expect beyond the published examples:
 shared-memory-array's ``sa.shm`` and several ``managed()`` wrappers of one array, fastshare's
-``SharedData`` messages (issue 18, item 4)."""
+``SharedData`` messages, zero-copy-ipc's ``slot_count`` and capacity formula (issue 18, item 4)."""
 
 from __future__ import annotations
 
+import itertools
+import os
 from multiprocessing.managers import SharedMemoryManager
 from multiprocessing.shared_memory import SharedMemory
 from typing import Literal
@@ -11,9 +13,15 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from shared_memory_array import BlockNotFoundError, ClosedError, SharedArray, SharedData
+from shared_memory_array import BlockNotFoundError, ClosedError, SharedArray, SharedData, SharedDict
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
+
+_names = itertools.count()
+
+
+def _dict_name() -> str:
+    return f"seed_expectations_{os.getpid()}_{next(_names)}"
 
 
 # -- sa.shm: name, size and the array's bytes ---------------------------------------------
@@ -168,3 +176,29 @@ def test_shared_data_entered_twice_says_what_fastshare_said() -> None:
         assert SharedData.load(shared.name) == [1, 2, 3]
     with pytest.raises(RuntimeError, match="does not support re-entry"), shared:
         pytest.fail("entered after leaving")
+
+
+# -- zero-copy-ipc: slot_count reads back, and its capacity formula holds ---------------------
+
+
+def test_stats_slot_count_is_the_slot_count_given() -> None:
+    """stats()["slot_count"] is what create() was given (100, not the table's 256 slots)."""
+    with SharedDict.create(_dict_name(), slot_count=100, heap_size=1 << 16, grow=False) as d:
+        stats = d.stats()
+        assert stats["slot_count"] == 100
+        assert stats["table_slots"] >= 100  # the rounded table size, under its own key
+
+
+@pytest.mark.parametrize(
+    ("key_bytes", "value_bytes"), [(1, 1), (8, 8), (16, 16), (8, 100), (32, 1000)]
+)
+def test_zero_copy_ipc_capacity_formula_holds(key_bytes: int, value_bytes: int) -> None:
+    """heap_size = items * (key + value) * 2 holds 1,000 items of any size, with grow=False."""
+    items = 1000
+    heap_size = max(4096, items * (key_bytes + value_bytes) * 2)
+    with SharedDict.create(_dict_name(), slot_count=items, heap_size=heap_size, grow=False) as d:
+        keys = [f"{index:0{key_bytes}x}"[-key_bytes:] for index in range(items)]
+        for key in keys:
+            d[key] = "v" * value_bytes
+        assert len(d) == len(set(keys))
+        d._check()

@@ -79,6 +79,7 @@ from ._cache import ABSENT, CACHEABLE_KEYS, Pickled
 from ._journal import Journal
 from ._keys import encode_key
 from ._layout import (
+    ENTRY_ALLOWANCE,
     ENTRY_PAGE_SIZE,
     HOLDER_PID,
     LOCK_FILE,
@@ -312,12 +313,13 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         heap_size
             Bytes for keys and values before the heap grows (default 100 MiB;
             reserved as entries arrive, never up front unless ``grow=False``).
-            An entry takes 24 bytes, its canonical key, its value's pickle (8
-            bytes for an ``int`` of 64 bits or a ``float``), rounded up to 16,
-            plus 16 bytes of allocator tags; a value of up to 256 bytes that is
-            updated takes two areas of 1.25 times its size from then on. So
-            ``max_items * (key + value) * 2`` bytes hold ``max_items`` string
-            entries of about 100 bytes.
+            Each of ``max_items`` entries also gets 72 bytes on top for its own
+            overhead (a 24-byte entry header, 16 bytes of allocator tags,
+            rounding to 16). An entry stores its canonical key and its value's
+            pickle (8 bytes for an ``int`` of 64 bits or a ``float``); a value
+            of up to 256 bytes that is updated takes two areas of 1.25 times
+            its size from then on. So zero-copy-ipc's ``max_items * (key +
+            value) * 2`` holds ``max_items`` entries of any size.
         slot_count
             zero-copy-ipc's name for ``max_items``; give one of the two at most.
         grow
@@ -341,7 +343,11 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         label = "max_items" if slot_count is None else "slot_count"
         chosen = max_items if slot_count is None else slot_count
         items = _DEFAULT_MAX_ITEMS if chosen is None else _size(label, chosen, 1)
-        heap_bytes = align(_size("heap_size", heap_size, MIN_HEAP) + heap_overhead(), 64)
+        # The entries' own overhead comes on top of the keys and values heap_size counts.
+        heap_bytes = align(
+            _size("heap_size", heap_size, MIN_HEAP) + items * ENTRY_ALLOWANCE + heap_overhead(),
+            64,
+        )
         if heap_bytes >= MAX_BLOCK:
             raise ValueError(f"heap_size {heap_bytes} is too large for a dict")
         header = encode_header(BlockKind.DICT, nbytes=ENTRY_PAGE_SIZE, name=block_name)

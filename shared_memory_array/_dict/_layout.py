@@ -307,6 +307,11 @@ class Geometry:
 # -- entries ---------------------------------------------------------------------------
 
 ENTRY_HEADER: Final = 24
+ENTRY_ALLOWANCE: Final = 72
+"""Heap bytes reserved per item beyond its key and value: the entry header (24), the
+allocator's tags (16), rounding to 16 (at most 15 twice: the entry and its update area
+start aligned) and a small pickle's framing (2). So ``heap_size`` counts keys and values
+only, and zero-copy-ipc's ``max_items * (key + value) * 2`` holds for small entries too."""
 HIGH_BIT: Final = 1 << 63
 LOW63: Final = HIGH_BIT - 1
 KIND_SHIFT: Final = 60
