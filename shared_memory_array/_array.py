@@ -477,10 +477,16 @@ class SharedArray(NDArrayLike[_ScalarT_co], BlockHandle, Generic[_ScalarT_co]):
         self._name = name
         self._layout = ArrayLayout(tuple(shape), np.dtype(dtype), bool(fortran_order))
 
-    def _unlink_name(self, block: SharedBlock) -> None:
+    def _unlink_name(self, block: SharedBlock) -> bool:
         manager, self._manager = self._manager, None
-        if manager is None or not _release_from_manager(manager, block.name):
-            block.unlink()
+        # The manager unlinks by name: only while the name is still this block's.
+        if (
+            manager is not None
+            and block.still_named()
+            and _release_from_manager(manager, block.name)
+        ):
+            return True
+        return block.unlink()
 
     # -- constructors ----------------------------------------------------------------------
     #

@@ -625,13 +625,27 @@ class SharedBlock:
         elif self._hold is not None and not self._hold.closed:
             _mapping_gone(self._hold)  # never mapped (a failed create or open)
 
-    def unlink(self) -> None:
-        """Remove the block's name from the system now; idempotent.
+    def unlink(self) -> bool:
+        """Remove the block's name from the system now, if it still names this block.
 
+        Idempotent; ``False`` if the name was already gone or names another
+        block now (given to a newer block since): never someone else's block.
         Mappings (in any process) stay valid until they are closed; no new
         process can attach afterwards.
         """
-        backend.unlink(self.system_name)
+        hold = self._hold
+        if hold is None:
+            return False
+        if not hold.closed:
+            return hold.locks.unlink_name()
+        # Closed: the locks' descriptor is gone; the entry's inode still tells this block.
+        try:
+            now = backend.lstat_entry(self.system_name)
+        except OSError:
+            return False
+        if (now.st_dev, now.st_ino) != (hold.dev, hold.ino):
+            return False
+        return backend.unlink(self.system_name)
 
     def __repr__(self) -> str:
         state = "closed" if self._view is None else f"{self.size} bytes"

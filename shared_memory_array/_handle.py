@@ -338,9 +338,19 @@ class BlockHandle:
         block = self._block
         if block is not None:
             self._unlink_name(block)
-        elif self._name:
-            with contextlib.suppress(BlockNotFoundError, OSError):
-                backend.unlink(backend.system_name(self._name))
+        elif self._name and self._header is not None:  # closed: its block may still be named
+            self._unlink_closed(self._header.block_id)
+
+    def _unlink_closed(self, block_id: bytes) -> None:
+        """Remove the name of this closed handle's block: only if it is still that block."""
+        with contextlib.suppress(SharedArrayError, OSError):
+            block = SharedBlock.open(self._name, wait=False)
+            try:
+                header = _read_header(block, self.KIND, True)
+                if header.block_id == block_id:
+                    block.unlink()
+            finally:
+                block.close()
 
     def _signal(self) -> Signal:
         """The block's notify word (its lifetime area, format v3), for notify and wait."""
@@ -359,9 +369,9 @@ class BlockHandle:
             )
         return signal
 
-    def _unlink_name(self, block: SharedBlock) -> None:
-        """Remove the name (a kind with more to remove, such as a manager's record, adds it)."""
-        block.unlink()
+    def _unlink_name(self, block: SharedBlock) -> bool:
+        """Remove the name if it is still this block's (a kind with more to remove adds it)."""
+        return block.unlink()
 
     def _release(self) -> None:
         """Let go of the kind's own views of the block (before the mapping is closed)."""

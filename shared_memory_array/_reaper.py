@@ -379,11 +379,9 @@ def reap(name: str, *, now: float | None = None) -> Judgement:
             if exclusive and judgement.header is not None:
                 _clamp_future_stamps(fd, judgement.header)
             return judgement
-        if not locks.still_named():
-            return Judgement(name, Verdict.GONE, "replaced meanwhile", "unreadable", None)
         followers = _followers(name, fd, judgement.header)
-        if not backend.unlink(name):
-            return Judgement(name, Verdict.GONE, "gone", "unreadable", None)
+        if not locks.unlink_name():
+            return Judgement(name, Verdict.GONE, "gone or replaced meanwhile", "unreadable", None)
     finally:
         locks.close()
     gone = []

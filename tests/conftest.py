@@ -237,6 +237,28 @@ def unlink_from_outside(name: str) -> None:
         _posixshmem.shm_unlink("/" + system)
 
 
+def refuse_unlink(patch: pytest.MonkeyPatch, system_name: str) -> None:
+    """Make removing block ``system_name`` fail with EPERM, whichever call removes it.
+
+    By system name (``backend.unlink``: the portable backend) or by the path a
+    block was opened at (``os.unlink``: the Linux backend's locks).
+    """
+    by_name, by_path = backend.unlink, os.unlink
+
+    def refuse_by_name(name: str) -> bool:
+        if name == system_name:
+            raise PermissionError(1, "Operation not permitted")
+        return by_name(name)
+
+    def refuse_by_path(path: str, *args: object, **kwargs: object) -> None:
+        if os.path.basename(os.fsdecode(path)) == system_name:
+            raise PermissionError(1, "Operation not permitted")
+        by_path(path)
+
+    patch.setattr(backend, "unlink", refuse_by_name)
+    patch.setattr(os, "unlink", refuse_by_path)
+
+
 def remove_block(name: str) -> None:
     """Unlink the block a user calls ``name`` if it is still there."""
     backend.unlink(backend.system_name(name))

@@ -25,6 +25,7 @@ from conftest import (
     has,
     make_unheld_block,
     needs,
+    refuse_unlink,
     remove_block,
     shield,
 )
@@ -422,11 +423,8 @@ def test_cleanup_failure_exits_1(
     monkeypatch.setenv(_lifetime.GRACE_ENV, "0")
     monkeypatch.setattr(_registry, "_block_names", lambda: [orphan])
 
-    def refuse(system_name: str) -> bool:
-        raise PermissionError(1, "Operation not permitted")
-
     with monkeypatch.context() as patch:
-        patch.setattr(backend, "unlink", refuse)
+        refuse_unlink(patch, backend.system_name(orphan))
         status = cli.main(["cleanup", "--quiet"])
     assert status == 1
     captured = capsys.readouterr()

@@ -46,6 +46,7 @@ from conftest import (
     library_blocks,
     make_unheld_block,
     needs,
+    refuse_unlink,
     remove_block,
 )
 from conftest import shield as shield_in_flight
@@ -692,6 +693,7 @@ def test_a_replaced_block_is_not_unlinked(
         assert result.cleaned == []
         assert _exists(name)
     finally:
+        monkeypatch.undo()  # closing a replacement reaps it: never through the patch again
         for block in replacement:
             block.close()
             block.unlink()
@@ -702,15 +704,8 @@ def test_unlink_failure_is_reported(
 ) -> None:
     """An unlink that raises puts the block in ``failed`` with the reason; nothing else stops."""
     first, second = write_block(_header()), write_block(_header())
-    real_unlink = backend.unlink
-
-    def refuse_first(system_name: str) -> bool:
-        if system_name == first:
-            raise PermissionError(1, "Operation not permitted")
-        return real_unlink(system_name)
-
     with monkeypatch.context() as patch:
-        patch.setattr(backend, "unlink", refuse_first)
+        refuse_unlink(patch, first)
         result = sma.cleanup()
     assert (result.cleaned, result.failed) == ([second], [first])
     assert "Operation not permitted" in result.reasons[first]

@@ -558,14 +558,20 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         self._cache = {}
         self._cache_version = -1
 
-    def _unlink_name(self, block: Any) -> None:
-        """An explicit end: the entry's name and the current data's name go now."""
+    def _unlink_name(self, block: Any) -> bool:
+        """An explicit end: the entry's name and the current data's name go now.
+
+        The data blocks' names only if the entry's name was still this dict's:
+        else they are a newer dict's of the same name.
+        """
         entry = getattr(self, "_entry", None)
-        if entry is not None:  # the current generation, whichever handle last grew it,
-            generation = entry.generation  # and the next, left by a mover killed in its step
-            for number in (generation, generation + 1):
+        generation = entry.generation if entry is not None else None
+        if not block.unlink():
+            return False
+        if generation is not None:  # the current generation, whichever handle last grew it,
+            for number in (generation, generation + 1):  # and the next, left by a killed mover
                 backend.unlink(backend.system_name(data_name(self.block_name, number)))
-        block.unlink()
+        return True
 
     def _release(self) -> None:
         """Let go of the views, the data block and this handle's share of the lock (closing)."""

@@ -171,6 +171,15 @@ class _OFDLocks:
             return False
         return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
 
+    def unlink_name(self) -> bool:
+        if not self.still_named():
+            return False
+        try:
+            os.unlink(self.path)  # the path it was opened at, whatever the directory is now
+        except FileNotFoundError:
+            return False
+        return True
+
     def _fd_for(self, role: int, exclusive: bool) -> int:
         if role == HOLD and not exclusive:
             return self.fd

@@ -313,6 +313,9 @@ class _FileLocks:
             self.fd < 0 or self._backend.names_object(self.system_name, self.fd)
         )
 
+    def unlink_name(self) -> bool:
+        return self.still_named() and self._backend.unlink(self.system_name)
+
     def remember_hold_file(self) -> None:
         """Record the hold file's inode without opening it (to remove only that block's files)."""
         if HOLD not in self._inodes:

@@ -70,6 +70,9 @@ class _NoLocks:
     def still_named(self) -> bool:
         return True
 
+    def unlink_name(self) -> bool:
+        return False  # a mapping's name goes with its last handle (see the module docstring)
+
     def try_lock(self, role: int, *, exclusive: bool) -> bool:
         return True
 
