@@ -160,6 +160,31 @@ def test_four_processes_opening_one_name_get_one_dict(method: str) -> None:
         join_all(workers)
 
 
+def test_open_keeps_trying_while_another_process_is_mid_creation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attach says "not found" and create says "exists" for a while: open() waits it out.
+
+    The window of another process's creation (its lock files not all made yet, under
+    the portable backend); a fixed number of immediate retries used up in it.
+    """
+    with SharedDict.create(unique(), max_items=8) as made:
+        real_attach = SharedDict._attach.__func__  # type: ignore[attr-defined]
+        ready_at = time.monotonic() + 0.3
+
+        def not_yet(cls: type[SharedDict[Any, Any]], /, name: str, **kwargs: Any) -> Any:
+            if time.monotonic() < ready_at:
+                raise BlockNotFoundError(name, "being created or removed")
+            return real_attach(cls, name, **kwargs)
+
+        monkeypatch.setattr(SharedDict, "_attach", classmethod(not_yet))
+        with SharedDict.open(made.name) as opened:
+            assert not opened.owner
+            assert opened._header is not None
+            assert made._header is not None
+            assert opened._header.block_id == made._header.block_id
+
+
 def test_open_attaches_an_existing_dict_and_ignores_its_arguments() -> None:
     """open() of an existing name attaches; the sizes given are the creator's concern only."""
     with SharedDict.create(unique(), max_items=8) as first:

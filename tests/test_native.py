@@ -34,8 +34,18 @@ from shared_memory_array._dict._keys import encode_key
 from shared_memory_array._dict._layout import FLOAT64, INT64, OFFSET_MASK, PICKLED, Geometry
 from shared_memory_array._dict._table import Table
 from shared_memory_array._heap import Heap
+from shared_memory_array._platform import backend
 
 needs_native = pytest.mark.skipif(not _accel.native, reason="the accelerator is not in use")
+needs_native_dict = pytest.mark.skipif(
+    not (_accel.native and backend.robust_mutex),
+    reason="the accelerator's dict steps need the dict's robust mutex, which this backend "
+    "does not use (the portable backend locks a dict with flock)",
+)
+needs_native_attach = pytest.mark.skipif(
+    not (_accel.native and backend.kernel_holds and not backend.lock_files),
+    reason="the accelerator's attach step takes an OFD lock on the block itself (Linux backend)",
+)
 BUILT = importlib.util.find_spec("shared_memory_array._native") is not None
 """Whether the accelerator is built here (a child process without the pure flag uses it)."""
 TIMEOUT = 60
@@ -292,7 +302,7 @@ def dict_pair() -> Iterator[tuple[SharedDict, SharedDict]]:
         yield native, python_path(pure)
 
 
-@needs_native
+@needs_native_dict
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # emptied per example
 @given(steps=DICT_STEPS)
 def test_dict_steps_write_the_same_bytes(
@@ -375,7 +385,7 @@ def ask(process: subprocess.Popen[str], line: str) -> str:
     return process.stdout.readline().strip()
 
 
-@needs_native
+@needs_native_dict
 @pytest.mark.parametrize("step", STEPS)
 def test_accelerated_step_killed_at_every_store_is_repaired_by_a_pure_process(
     shared: SharedDict, step: str
@@ -425,7 +435,7 @@ def test_accelerated_step_killed_at_every_store_is_repaired_by_a_pure_process(
     shared._check()
 
 
-@needs_native
+@needs_native_dict
 @pytest.mark.parametrize("where", ["heap", "free", "update"])
 def test_pure_process_killed_inside_a_write_is_repaired_here(
     shared: SharedDict, where: str
@@ -496,13 +506,13 @@ def test_a_change_on_one_path_wakes_a_waiter_on_the_other(
 # -- attaching --------------------------------------------------------------------------------
 
 
-@needs_native
+@needs_native_attach
 def test_accelerated_open_holds_and_reads_the_header() -> None:
     """open_held opens, checks, holds and reads in one call; it leaves refusals to Python."""
     import stat
 
     from shared_memory_array import SharedArray
-    from shared_memory_array._platform import HOLD, backend
+    from shared_memory_array._platform import HOLD
 
     with SharedArray.allocate(None, 1000, "float64") as owner:
         system_name = backend.system_name(owner.name)

@@ -39,6 +39,7 @@ import pickle
 import platform
 import re
 import threading
+import time
 import weakref
 import zlib
 from collections.abc import (
@@ -67,7 +68,6 @@ from .._process import current_identity
 from .._waiting import deadline_of
 from ..errors import (
     AllocationError,
-    BlockBeingCreatedError,
     BlockExistsError,
     BlockNotFoundError,
     ClosedError,
@@ -118,6 +118,7 @@ _loads = pickle.loads
 _LOCK_FREE_READS: Final = platform.machine().lower() in {"x86_64", "amd64", "i386", "i686", "x86"}
 _crc32 = zlib.crc32
 _get_ident = threading.get_ident
+_OPEN_SECONDS: Final = 10.0  # how long open() retries while other processes create or remove
 
 
 class _Closed:
@@ -418,18 +419,28 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         creates it wins, the others attach (waiting for it to be created). The
         arguments are :meth:`create`'s, used only by the process that creates.
         """
-        for _ in range(100):
+        # Bounded by time, not by tries: another process's creation takes microseconds to
+        # milliseconds, and an attach in that window fails at once (not found, or being
+        # created), as a create fails (it exists). A short back-off lets it finish.
+        deadline = time.monotonic() + _OPEN_SECONDS
+        delay = 0.0005
+        while True:
             try:
                 return cls._attach(name)
-            except BlockBeingCreatedError:
-                continue  # another process is creating it right now
-            except BlockNotFoundError:
+            except BlockNotFoundError:  # gone, not yet there, or being created
                 pass
             try:
                 return cls.create(name, max_items, heap_size, slot_count=slot_count, grow=grow)
             except BlockExistsError:
-                continue  # another process created it between the two calls
-        raise BlockNotFoundError(name, f"SharedDict {name!r} neither attached nor created")
+                pass  # another process created it between the two calls
+            if time.monotonic() > deadline:
+                raise BlockNotFoundError(
+                    name,
+                    f"SharedDict {name!r} neither attached nor created within "
+                    f"{_OPEN_SECONDS:.0f} s (another process keeps creating or removing it)",
+                )
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
 
     @classmethod
     def _attach(
