@@ -12,7 +12,8 @@ unlike other processes of the library, it reaps nothing at its exit (else
 JSON keys (stable): ``list --json`` prints a list of objects with the fields of
 :class:`~shared_memory_array.BlockInfo` (``name``, ``kind``, ``size``,
 ``state``, ``in_use``, ``creator_pid``, ``creator_alive``, ``modified``,
-``owner_uid``, ``generation``, ``shape``, ``dtype``, ``error``); ``inspect
+``owner_uid``, ``generation``, ``shape``, ``dtype``, ``error``, ``mapped_by``,
+``resident``); ``inspect
 NAME --json`` prints one object with those and the header's ``version``,
 ``flags`` (names), ``strides``, ``header_size``, ``data_offset``, ``nbytes``,
 ``block_id`` (hex), ``creator_start_ticks``, ``creator_started`` (seconds since
@@ -124,7 +125,7 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
         out.write(NO_BLOCKS + "\n")
         return EXIT_OK
     rows: list[tuple[str, ...]] = [
-        ("NAME", "KIND", "SIZE", "STATE", "IN_USE", "CREATOR", "ALIVE", "NOTE")
+        ("NAME", "KIND", "SIZE", "SHAPE", "DTYPE", "STATE", "IN_USE", "CREATOR", "ALIVE", "NOTE")
     ]
     rows += [_list_row(info) for info in infos]
     columns = len(rows[0]) - 1  # the note is last and may hold blanks
@@ -144,6 +145,8 @@ def _list_row(info: BlockInfo) -> tuple[str, ...]:
         _one_line(info.name, blanks=False),
         info.kind,
         format_size(info.size),
+        _shape_word(info.shape),
+        "-" if info.dtype is None else _one_line(info.dtype, blanks=False),
         info.state,
         _yes_no(info.in_use),
         creator,
@@ -152,9 +155,17 @@ def _list_row(info: BlockInfo) -> tuple[str, ...]:
     )
 
 
+def _shape_word(shape: tuple[int, ...] | None) -> str:
+    """A shape as one word: ``(4,2)``, ``(10,)``, ``()``; ``-`` for no shape."""
+    if shape is None:
+        return "-"
+    return "(" + ",".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
 def _info_json(info: BlockInfo) -> dict[str, Any]:
     record = dataclasses.asdict(info)
     record["shape"] = None if info.shape is None else list(info.shape)
+    record["mapped_by"] = None if info.mapped_by is None else list(info.mapped_by)
     return record
 
 
@@ -194,6 +205,12 @@ def _inspect_json(info: BlockInfo, header: Header, judgement: Judgement) -> dict
     }
 
 
+def _pids(pids: tuple[int, ...] | None) -> str:
+    if pids is None:
+        return "unknown"
+    return " ".join(map(str, pids)) if pids else "no process"
+
+
 def _header_fields(info: BlockInfo, header: Header, judgement: Judgement) -> list[tuple[str, str]]:
     in_use = {True: "yes, a process maps it", False: "no process maps it", None: "unknown"}
     alive = _yes_no(info.creator_alive)
@@ -202,6 +219,8 @@ def _header_fields(info: BlockInfo, header: Header, judgement: Judgement) -> lis
         ("kind", info.kind),
         ("state", info.state),
         ("in_use", in_use[info.in_use]),
+        ("mapped_by", _pids(info.mapped_by)),
+        ("resident", "unknown" if info.resident is None else f"{info.resident} bytes in memory"),
         ("in_flight", f"{judgement.in_flight} pickled handle(s) not yet unpickled"),
         ("cleanup", f"would {_verdict(judgement)}: {judgement.reason}"),
         ("size", f"{info.size} bytes ({format_size(info.size)})"),

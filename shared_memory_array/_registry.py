@@ -93,6 +93,12 @@ class BlockInfo:
     in_use : bool or None
         Whether any process maps the block, asked of the kernel; ``None`` where
         that cannot be asked (another user's block, a platform without OFD locks).
+    mapped_by : tuple of int or None
+        Pids of the processes that map the block (of those this process may
+        look at), sorted; ``None`` where the system does not tell.
+    resident : int or None
+        Bytes of the block in memory (or swapped out: pages that exist);
+        ``None`` where unknown.
     """
 
     name: str
@@ -108,6 +114,8 @@ class BlockInfo:
     error: str | None = None
     state: str = "unreadable"
     in_use: bool | None = None
+    mapped_by: tuple[int, ...] | None = None
+    resident: int | None = None
 
 
 @dataclass(frozen=True)
@@ -173,8 +181,8 @@ def _shown_name(judgement: Judgement) -> str:
     return header.name if backend.system_name(header.name) == judgement.name else judgement.name
 
 
-def _info(judgement: Judgement) -> BlockInfo:
-    """The public record of one judged block."""
+def _info(judgement: Judgement, mappers: dict[int, list[int]] | None) -> BlockInfo:
+    """The public record of one judged block (``mappers``: :meth:`Backend.mappers`)."""
     header, info = judgement.header, judgement.stat
     common = {
         "name": _shown_name(judgement),
@@ -183,6 +191,10 @@ def _info(judgement: Judgement) -> BlockInfo:
         "owner_uid": info.st_uid if info is not None else -1,
         "state": judgement.state,
         "in_use": judgement.in_use,
+        "mapped_by": (
+            tuple(mappers.get(info.st_ino, ())) if mappers is not None and info else None
+        ),
+        "resident": backend.resident_bytes(info) if info is not None else None,
     }
     if header is None:
         return BlockInfo(
@@ -233,7 +245,7 @@ def _describe(name: str) -> tuple[BlockInfo, Header | None, Judgement]:
             continue
         if judgement.name != candidate and _shown_name(judgement) != candidate:
             continue  # another long name's block under the same short system name
-        return _info(judgement), judgement.header, judgement
+        return _info(judgement, backend.mappers()), judgement.header, judgement
     raise BlockNotFoundError(bare)
 
 
@@ -265,8 +277,9 @@ def list_blocks() -> list[BlockInfo]:
     -------
     list of BlockInfo
     """
-    judgements = (_reaper.judge(name) for name in _block_names())
-    return [_info(j) for j in judgements if j.verdict is not Verdict.GONE]
+    judgements = [_reaper.judge(name) for name in _block_names()]
+    mappers = backend.mappers()  # one look at every process's mappings, for all blocks
+    return [_info(j, mappers) for j in judgements if j.verdict is not Verdict.GONE]
 
 
 def cleanup(dry_run: bool = False) -> CleanupResult:

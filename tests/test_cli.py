@@ -207,21 +207,25 @@ def test_list_prints_one_greppable_line_per_block(
     pid = str(os.getpid())
     header = ran.stdout.splitlines()[0]
     assert header.split() == [
-        "NAME", "KIND", "SIZE", "STATE", "IN_USE", "CREATOR", "ALIVE", "NOTE"
+        "NAME", "KIND", "SIZE", "SHAPE", "DTYPE", "STATE", "IN_USE", "CREATOR", "ALIVE", "NOTE"
     ]  # fmt: skip
     assert line_of(ran.stdout, held.name) == [
         held.name,
         "array",
         "3.0MiB",
+        "(2,3)",
+        "int16",
         "live",
         "yes",
         str(dead[0]),
         "no",
     ]
-    assert line_of(ran.stdout, orphan) == [orphan, "array", "8.0KiB", "orphan", "no", pid, "yes"]
+    assert line_of(ran.stdout, orphan) == [
+        orphan, "array", "8.0KiB", "(2,3)", "int16", "orphan", "no", pid, "yes"
+    ]  # fmt: skip
     bad_line = line_of(ran.stdout, bad.name)
-    assert bad_line[1:7] == ["unknown", "100B", "unreadable", "yes", "-", "?"]
-    assert "magic" in " ".join(bad_line[7:])
+    assert bad_line[1:9] == ["unknown", "100B", "-", "-", "unreadable", "yes", "-", "?"]
+    assert "magic" in " ".join(bad_line[9:])
 
 
 def test_empty_list_says_so_in_words() -> None:
@@ -234,7 +238,7 @@ def test_empty_list_says_so_in_words() -> None:
 
 LIST_KEYS = {
     "name", "kind", "size", "state", "in_use", "creator_pid", "creator_alive", "modified",
-    "owner_uid", "generation", "shape", "dtype", "error",
+    "owner_uid", "generation", "shape", "dtype", "error", "mapped_by", "resident",
 }  # fmt: skip
 
 
@@ -254,9 +258,13 @@ def test_list_json_has_stable_keys_and_sizes_in_bytes(
         "creator_pid": os.getpid(), "creator_alive": True, "modified": 0,
         "owner_uid": os.geteuid(), "generation": 0, "shape": [2, 3], "dtype": "int16",
         "error": None,
+        # This process maps it (the CLI only looks); its pages were reserved at creation.
+        "mapped_by": [os.getpid()] if has("process_table") else None,
+        "resident": 3 * 2**20 if has("reserved_pages") else None,
     }  # fmt: skip
     assert (records[orphan]["state"], records[orphan]["in_use"]) == ("orphan", False)
     assert records[orphan]["size"] == 8192
+    assert records[orphan]["mapped_by"] == ([] if has("process_table") else None)
 
 
 def test_hostile_names_and_fields_stay_on_one_line(blocks: list[SharedBlock]) -> None:

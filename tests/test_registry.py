@@ -859,3 +859,36 @@ def test_cleanup_after_sigkill(scope: set[str]) -> None:
         survivor.close()
         for name in orphans:
             unlink_block(name)
+
+
+# -- v3: who maps a block, and how much of it is in memory -----------------------------------
+
+
+@needs("process_table")
+def test_mapped_by_lists_every_process_that_maps_the_block() -> None:
+    """BlockInfo.mapped_by: this process and a child that attached, then this process alone."""
+    with sma.SharedArray.copy(None, np.arange(1000.0)) as array:
+        code = (
+            "import sys; from shared_memory_array import SharedArray; "
+            f"h = SharedArray.attach({array.name!r}); h.as_array(); "
+            "print('attached', flush=True); sys.stdin.read()"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "attached"
+            (info,) = [info for info in sma.list_blocks() if info.name == array.name]
+            assert info.mapped_by == tuple(sorted((os.getpid(), child.pid)))
+            assert info.resident is not None
+            assert info.resident >= array.nbytes
+            described, _ = _registry.describe_block(array.name)
+            assert described.mapped_by == info.mapped_by
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
+            child.wait(60)
+            child.stdout.close()  # type: ignore[union-attr]
+        (info,) = [info for info in sma.list_blocks() if info.name == array.name]
+        assert info.mapped_by == (os.getpid(),)

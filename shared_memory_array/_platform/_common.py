@@ -415,8 +415,11 @@ class Backend:
         """Inodes of blocks any visible process maps or has open, ``None`` where unknown."""
         return None
 
-    def mapped_by(self, system_name: str, ino: int) -> list[int] | None:
-        """Pids of the processes that map a block, ``None`` where the system does not tell."""
+    def mappers(self) -> dict[int, list[int]] | None:
+        """Inode of each mapped block -> the pids that map it (sorted), in one look.
+
+        ``None`` where the system does not tell.
+        """
         return None
 
     def resident_bytes(self, info: os.stat_result) -> int | None:

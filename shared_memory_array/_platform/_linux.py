@@ -470,17 +470,17 @@ class LinuxBackend(Backend):
                             inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
         return inodes
 
-    def mapped_by(self, system_name: str, ino: int) -> list[int] | None:
+    def mappers(self) -> dict[int, list[int]] | None:
         prefix = self._directory.rstrip("/") + "/"
         try:
-            pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
+            pids = sorted(int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
         except OSError:
             return None
-        found = []
+        found: dict[int, list[int]] = {}
         for pid in pids:
-            if any(inode == ino for inode, _ in _mapped_files(pid, prefix)):
-                found.append(int(pid))
-        return sorted(found)
+            for inode in {inode for inode, _ in _mapped_files(str(pid), prefix)}:
+                found.setdefault(inode, []).append(pid)
+        return found
 
     def resident_bytes(self, info: os.stat_result) -> int | None:
         return info.st_blocks * 512  # tmpfs: allocated pages are memory (or swap)
