@@ -17,8 +17,11 @@ in the same run (best of ``--repeat`` rounds), and prints two tables:
    local reads. zero-copy-ipc when installed (it is one of the packages this one replaces,
    so not in the ``bench`` extra). The plain dict is the ceiling (no sharing at all);
 2. a counter: 4 processes adding 1 to one key at once, ``increment`` against UltraDict's
-   ``with d.lock: d[k] += 1`` (exact in both; checked), and increments per second in one
-   process.
+   ``with d.lock: d[k] += 1`` and a ``Manager().dict()`` with a ``Manager().Lock()`` doing
+   the same (exact in all; checked), and increments per second in one process;
+3. growth in the steady state: the default ``grow=True`` dict against ``grow=False`` of
+   the same size (writes, updates, cached reads), and a dict that starts at 64 items and
+   grows to N while it is written.
 
 Run: python benchmarks/bench_dict.py [--quick] [--items N] [--repeat R]
 """
@@ -49,6 +52,8 @@ PATHS = {"C": "0", "pure": "1"}  # the value of SHARED_MEMORY_ARRAY_PURE for eac
 SINGLE = ("writes", "updates", "reads (cached)", "reads (uncached)")
 PROCESSES = 4
 ULTRA_SHARE = 50  # UltraDict's counter runs 1/50 of ours (the pure path 1/10): alike in time
+MANAGER_SHARE = 100  # the Manager's counter, 1/100 of ours
+STEADY = ("writes", "updates", "reads (cached)")
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -156,7 +161,17 @@ def count_ultra(name: str, times: int, start: Any, done: Any) -> None:
     shared.close()
 
 
-def counter(target: Callable[..., None], name: str, times: int) -> float:
+def count_manager(shared: Any, times: int, start: Any, done: Any) -> None:
+    """``times`` of ``with lock: d[k] += 1`` on a Manager's dict and lock (``shared``)."""
+    proxy, lock = shared
+    start.wait()
+    for _ in range(times):
+        with lock:
+            proxy["n"] += 1
+    done.put(times)
+
+
+def counter(target: Callable[..., None], name: Any, times: int) -> float:
     """Increments per second of PROCESSES spawned processes, ``times`` each, at once."""
     context = mp.get_context("spawn")
     start, done = context.Event(), context.Queue()
@@ -186,6 +201,17 @@ def ours(items: int, repeat: int, counts: int) -> dict[str, Any]:
     figures: dict[str, Any] = single_process(
         make_shared, lambda: SharedDict.attach(NAME), items, repeat, lambda d: d.close()
     )
+
+    def make_fixed() -> SharedDict:
+        return SharedDict.create(NAME, max_items=items + 1000, heap_size=heap, grow=False)
+
+    def make_small() -> SharedDict:
+        return SharedDict.create(NAME, max_items=64, heap_size=4096)
+
+    fixed = single_process(make_fixed, None, items, repeat, lambda d: d.close())
+    figures.update({f"{label} (grow=False)": fixed[label] for label in STEADY})
+    grown = single_process(make_small, None, items, repeat, lambda d: d.close())
+    figures["writes (growing from 64 items)"] = grown["writes"]
     with SharedDict.create(NAME, max_items=2000, heap_size=heap) as shared:
         figures["2 processes (total)"] = two_processes(shared, NAME, items)
     counts //= 1 if _accel.native else 10  # about as long a run on either path
@@ -296,6 +322,18 @@ def main() -> None:
         managed = single_process(manager.dict, None, items, 1)
         proxy = manager.dict()
         managed_pair = two_processes(proxy, proxy, items)
+        tally, lock = manager.dict(n=0), manager.Lock()
+        times = counts // MANAGER_SHARE
+        managed["counter"] = counter(count_manager, (tally, lock), times)
+        managed["counter exact"] = tally["n"] == PROCESSES * times
+        one = 4 * times
+
+        def add() -> None:
+            for _ in range(one):
+                with lock:
+                    tally["m"] = tally.get("m", 0) + 1
+
+        managed["increments"] = one / timed(add)
     managed["2 processes (total)"] = managed_pair
 
     def base(label: str) -> str:  # the competitors have no cache: one kind of read
@@ -354,18 +392,55 @@ def main() -> None:
     if zci is None:
         table.note("zero-copy-ipc: not installed, columns left out (pip install zero-copy-ipc)")
     table.print()
-    print_counter(mine, paths, ultra, counts)
+    print_counter(mine, paths, ultra, managed, counts)
+    print_growth(mine, paths, items)
+
+
+def print_growth(mine: dict[str, dict[str, Any]], paths: dict[str, str], items: int) -> None:
+    table = Table(
+        f"Growth in the steady state: the default grow=True against grow=False, {items:,} items",
+        ["operation", "path", "grow=True (default)", "grow=False", "compared with grow=False"],
+        text_columns=2,
+    )
+    for label in STEADY:
+        for path in PATHS:
+            growing, fixed = mine[path][label], mine[path][f"{label} (grow=False)"]
+            table.add(
+                label,
+                paths[path],
+                fmt_rate(growing),
+                fmt_rate(fixed),
+                ratio(growing, fixed, higher_is_better=True),
+            )
+    for path in PATHS:
+        grown = mine[path]["writes (growing from 64 items)"]
+        fixed = mine[path]["writes (grow=False)"]
+        table.add(
+            "writes, growing from 64 items",
+            paths[path],
+            fmt_rate(grown),
+            fmt_rate(fixed),
+            ratio(grown, fixed, higher_is_better=True),
+        )
+    table.note(
+        "Both sized for every item up front (the first rows: no growth step runs), in the same "
+        "process; the last row starts at 64 items and a 4 KiB heap and grows as it is written "
+        "(every growth step included)."
+    )
+    table.print()
 
 
 def print_counter(
     mine: dict[str, dict[str, Any]],
     paths: dict[str, str],
     ultra: dict[str, float] | None,
+    managed: dict[str, float],
     counts: int,
 ) -> None:
     headers = ["counter", "path", "SharedDict increment (ours)"]
     if ultra is not None:
         headers += ["UltraDict: with d.lock: d[k] += 1", "compared with UltraDict"]
+    headers += ["Manager: with lock: d[k] += 1", "compared with Manager"]
     table = Table(
         f"A counter: increments per second, {PROCESSES} processes at once and one process",
         headers,
@@ -377,17 +452,19 @@ def print_counter(
             cells = [label, paths[path], fmt_rate(figure)]
             if ultra is not None:
                 cells += [fmt_rate(ultra[key]), ratio(figure, ultra[key], higher_is_better=True)]
+            cells += [fmt_rate(managed[key]), ratio(figure, managed[key], higher_is_better=True)]
             table.add(*cells)
-    exact = all(mine[path]["counter exact"] for path in PATHS)
+    exact = all(mine[path]["counter exact"] for path in PATHS) and bool(managed["counter exact"])
     if ultra is not None:
         exact = exact and bool(ultra["counter exact"])
     table.note(
         f"{PROCESSES} processes: each adds 1 to one key {counts:,} times (the pure path "
-        f"{counts // 10:,}, UltraDict {counts // ULTRA_SHARE:,} times: runs alike in time, "
+        f"{counts // 10:,}, UltraDict {counts // ULTRA_SHARE:,}, the Manager "
+        f"{counts // MANAGER_SHARE:,} times: runs alike in time, "
         "long enough that scheduling noise does not dominate), all at once; the final count "
         f"is checked: {'exact in every run' if exact else 'NOT EXACT in some run'}. "
         f"1 process: {4 * counts:,} increments in a loop (pure {4 * counts // 10:,}, "
-        f"UltraDict {4 * counts // ULTRA_SHARE:,})."
+        f"UltraDict {4 * counts // ULTRA_SHARE:,}, the Manager {4 * counts // MANAGER_SHARE:,})."
     )
     table.print()
 

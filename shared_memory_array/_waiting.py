@@ -38,6 +38,7 @@ from ctypes import addressof, c_char
 from typing import Final
 
 from ._platform import COUNTER, BlockLocks, backend
+from .errors import ClosedError
 
 __all__ = ["ASYNC_SLICE", "MAX_POLL_INTERVAL", "MIN_POLL_INTERVAL", "Signal", "deadline_of"]
 
@@ -101,8 +102,11 @@ class Signal:
         self._waiters.release()
 
     def load(self) -> int:
-        """The generation now."""
-        return int(self._notify[0])
+        """The generation now (ClosedError once the handle let go of the block)."""
+        try:
+            return int(self._notify[0])
+        except ValueError:  # released: another thread closed the handle meanwhile
+            raise ClosedError("the handle was closed while it was notifying or waiting") from None
 
     def waiters(self) -> int:
         """How many waiters have said they wait (a hint: 0 means nobody to wake)."""

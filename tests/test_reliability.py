@@ -478,7 +478,7 @@ def _made_by_nobody() -> Iterator[tuple[bytes, str]]:
     if not os.stat(SHM).st_mode & 0o002:
         pytest.skip(f"{SHM} is not writable by other users (mode 1777 is the usual)")
     # Lock files (the portable backend) go where nobody may make its private directory.
-    lock_dir = tempfile.mkdtemp(prefix="sma-nobody-")
+    lock_dir = tempfile.mkdtemp(prefix="sma-nobody-", dir="/tmp")  # TMPDIR may be root's own
     os.chown(lock_dir, NOBODY, NOBODY)
     made_r, made_w = os.pipe()
     gate_r, gate_w = os.pipe()

@@ -149,10 +149,12 @@ def test_wait_async_never_blocks_the_event_loop(frame: SharedArray) -> None:
                 await asyncio.sleep(0.01)
 
         ticking = asyncio.create_task(ticker())
-        threading.Timer(0.3, frame.notify).start()
+        notifier = threading.Timer(0.3, frame.notify)
+        notifier.start()
         generation = await frame.wait_async(timeout=TIMEOUT)
         stop.set()
         await ticking
+        notifier.join(TIMEOUT)  # its notify() is over before the fixture closes the frame
         return generation, ticks
 
     generation, ticks = asyncio.run(scenario())
@@ -241,8 +243,10 @@ def test_a_killed_dict_waiter_harms_nobody(shared: SharedDict) -> None:
     os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
     victim.join(TIMEOUT)
     shared["a"] = 1
-    threading.Timer(0.1, lambda: shared.__setitem__("b", 2)).start()
+    setter = threading.Timer(0.1, lambda: shared.__setitem__("b", 2))
+    setter.start()
     assert shared.wait_for(lambda d: "b" in d, timeout=TIMEOUT)
+    setter.join(TIMEOUT)  # done before the fixture closes the dict
 
 
 def test_wait_for_async_never_blocks_the_event_loop(shared: SharedDict) -> None:
@@ -258,9 +262,11 @@ def test_wait_for_async_never_blocks_the_event_loop(shared: SharedDict) -> None:
                 await asyncio.sleep(0.005)
 
         ticking = asyncio.create_task(ticker())
-        threading.Timer(0.3, lambda: shared.__setitem__("ready", True)).start()
+        setter = threading.Timer(0.3, lambda: shared.__setitem__("ready", True))
+        setter.start()
         found = await shared.wait_for_async(lambda d: d.get("ready", False), timeout=TIMEOUT)
         ticking.cancel()
+        setter.join(TIMEOUT)  # done before the fixture closes the dict
         return found, ticks
 
     found, ticks = asyncio.run(scenario())
