@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from ._header import Header, HeaderFlags
 from ._platform import backend
 from ._reaper import Judgement, Verdict
-from ._registry import GRACE_PERIOD, BlockInfo, _describe, cleanup, list_blocks
+from ._registry import UNREADABLE_QUIET, BlockInfo, _describe, cleanup, list_blocks
 from .errors import SharedArrayError
 
 __all__ = ["main"]
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Unlink the blocks that no process maps and of which no pickled handle is "
             "in flight (asked of the kernel, whatever the creator's pid says). Blocks "
             "a process maps are never touched; a block with an unreadable header is "
-            f"removed only when it is unused and unchanged for {GRACE_PERIOD:.0f} s."
+            f"removed only when it is unused and unchanged for {UNREADABLE_QUIET:.0f} s."
         ),
     )
     clean.add_argument("--dry-run", action="store_true", help="report, unlink nothing")

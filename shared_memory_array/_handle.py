@@ -26,7 +26,8 @@ codec's blocks), the steps of the one lifetime rule:
   the block is marked *closing* and its name goes when the last of them lands
   or their grace passes. :meth:`BlockHandle.unlink` removes the name now.
 * **Implicit ends**: a handle collected by the garbage collector stops owning
-  (a finalizer); the block goes when nobody holds it and nothing is in flight.
+  (a weak-reference callback); the block goes when nobody holds it and nothing is
+  in flight.
 * **Pickling** (:meth:`BlockHandle.__reduce__`): the kind's state plus a
   ticket (the pickle in flight, :mod:`._lifetime`), the block id and the
   shared-memory identity. **Landing never raises** because the block cannot

@@ -30,7 +30,7 @@ The decision, for one name
 5. A v1 block (no lifetime locks: an older version of this library): kept
    while its creator's pid runs (pid and start time).
 6. An unreadable header: kept while it may still be being created (changed
-   less than :data:`UNREADABLE_GRACE` ago, its first bytes name a running
+   less than :data:`UNREADABLE_QUIET` ago, its first bytes name a running
    creator, or a process has it open or mapped: asked of ``/proc`` where the
    platform has it, else of the locks alone).
 7. A v2 or v3 block of the other POSIX backend (its locks live elsewhere):
@@ -69,7 +69,7 @@ from .errors import LayoutError
 __all__ = [
     "KIND_POLICIES",
     "SCAN_INTERVAL",
-    "UNREADABLE_GRACE",
+    "UNREADABLE_QUIET",
     "Judgement",
     "Verdict",
     "after_last_mapping",
@@ -80,8 +80,11 @@ __all__ = [
     "reap",
 ]
 
-UNREADABLE_GRACE: Final = 60.0
-"""Seconds an unreadable block is left alone after its last change (it may be mid-creation)."""
+UNREADABLE_QUIET: Final = 60.0
+"""Seconds an unreadable block is left alone after its last change (it may be mid-creation).
+
+Not the handoff grace of :mod:`._lifetime` (how long a pickled handle is waited for),
+though both are 60 s by default."""
 SCAN_INTERVAL: Final = 5.0
 _HEADER_READ: Final = 4096
 
@@ -278,7 +281,7 @@ def _judge_unreadable(
     if raw_creator is not None and is_alive(*raw_creator):
         return keep(f"header unreadable but names running pid {raw_creator[0]}: {error}")
     age = now - max(info.st_mtime, info.st_ctime)
-    if age < UNREADABLE_GRACE:
+    if age < UNREADABLE_QUIET:
         return keep(f"header unreadable, changed {age:.0f} s ago (may be being created)")
     # Where the system cannot tell who has a file open or mapped (no /proc), the locks
     # alone decide: every process of this library holds one on each block it maps.
@@ -288,7 +291,7 @@ def _judge_unreadable(
     return Judgement(
         name,
         Verdict.REAP,
-        f"header unreadable for over {UNREADABLE_GRACE:.0f} s and unused: {error}",
+        f"header unreadable for over {UNREADABLE_QUIET:.0f} s and unused: {error}",
         "unreadable",
         in_use,
         stat=info,

@@ -45,9 +45,16 @@ from ._process import is_alive
 from ._reaper import Judgement, Verdict
 from .errors import BlockNotFoundError
 
-__all__ = ["GRACE_PERIOD", "BlockInfo", "CleanupResult", "cleanup", "describe_block", "list_blocks"]
+__all__ = [
+    "UNREADABLE_QUIET",
+    "BlockInfo",
+    "CleanupResult",
+    "cleanup",
+    "describe_block",
+    "list_blocks",
+]
 
-GRACE_PERIOD: Final = _reaper.UNREADABLE_GRACE
+UNREADABLE_QUIET: Final = _reaper.UNREADABLE_QUIET
 """Seconds an unreadable block is left alone after its last change (it may be mid-creation)."""
 
 _NAME_MAX: Final = 255  # bytes of a file name in a tmpfs
@@ -295,7 +302,7 @@ def cleanup(dry_run: bool = False) -> CleanupResult:
       when its creator has exited;
     * an unreadable header (corrupt, truncated, empty): skipped while its
       first bytes name a running creator, while it changed less than
-      :data:`GRACE_PERIOD` (60 s) ago (a block being created), and while any
+      :data:`UNREADABLE_QUIET` (60 s) ago (a block being created), and while any
       process has it open or mapped; otherwise unlinked;
     * anything else: unlinked, after checking the name still names that file.
 

@@ -605,7 +605,7 @@ def test_unreadable_block_waits_for_the_grace_period(
     assert "may be being created" in result.reasons[block.name]
     (info,) = sma.list_blocks()
     assert (info.state, info.in_use) == ("unreadable", False)
-    monkeypatch.setattr(_reaper, "UNREADABLE_GRACE", 0.0)
+    monkeypatch.setattr(_reaper, "UNREADABLE_QUIET", 0.0)
     result = sma.cleanup()
     assert result.cleaned == [block.name]
     assert not _exists(block.name)
@@ -615,7 +615,7 @@ def test_unreadable_block_in_use_is_kept(
     make_block: MakeBlock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An old unreadable block that some process still maps is never removed."""
-    monkeypatch.setattr(_reaper, "UNREADABLE_GRACE", 0.0)
+    monkeypatch.setattr(_reaper, "UNREADABLE_QUIET", 0.0)
     block = make_block(content=b"garbage")  # still mapped by this process
     (info,) = sma.list_blocks()
     assert (info.state, info.in_use) == ("unreadable", True)
@@ -629,7 +629,7 @@ def test_unreadable_block_open_elsewhere_is_kept(
     write_block: WriteBlock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An old unreadable block that a process has open (not mapped, no lock) is never removed."""
-    monkeypatch.setattr(_reaper, "UNREADABLE_GRACE", 0.0)
+    monkeypatch.setattr(_reaper, "UNREADABLE_QUIET", 0.0)
     name = write_block(b"garbage", shield=False)
     fd = backend.open_block(name, create=False, writable=False)
     try:
@@ -645,7 +645,7 @@ def test_torn_header_of_a_live_creator_is_kept(
     make_block: MakeBlock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A header failing its checksum but naming a running creator (a rewrite) is kept."""
-    monkeypatch.setattr(_reaper, "UNREADABLE_GRACE", 0.0)
+    monkeypatch.setattr(_reaper, "UNREADABLE_QUIET", 0.0)
     torn = bytearray(encode_header(BlockKind.CODEC))
     torn[60] ^= 0xFF  # inside data_offset: checksum now wrong
     block = make_block(content=bytes(torn))

@@ -171,10 +171,10 @@ def test_a_sparse_orphan_on_a_full_shm_never_kills_the_reaper() -> None:
             "except AllocationError:\\n"
             "    print('AllocationError')\\n"
         )
-        # Reaped at last: unreadable blocks wait UNREADABLE_GRACE for a creator at work.
+        # Reaped at last: unreadable blocks wait UNREADABLE_QUIET for a creator at work.
         cleaned = python(
             "from shared_memory_array import _reaper, cleanup\\n"
-            "_reaper.UNREADABLE_GRACE = 0\\n"
+            "_reaper.UNREADABLE_QUIET = 0\\n"
             "print(cleanup().cleaned)"
         )
         print(json.dumps({
