@@ -48,6 +48,7 @@ SHM_DIR: Final = "/dev/shm"
 _PROC_OFFSETS: Final = "/proc/self/timens_offsets"
 # struct flock: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t).
 _FLOCK: Final = struct.Struct("hhqqi4x")
+_UNLOCK_ALL: Final = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 4, 0)  # every role's byte
 _FALLOCATE_UNSUPPORTED: Final = {errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS}
 _HUGE_PAGE_MIN: Final = 2 << 20
 _CGROUP_UNLIMITED: Final = 1 << 62
@@ -245,10 +246,10 @@ class _OFDLocks:
         exclusive, self._exclusive_fd = self._exclusive_fd, -1
         for descriptor in (fd, exclusive):
             if descriptor >= 0:
-                with contextlib.suppress(OSError):  # F_UNLCK of bytes 0-3 in one call
-                    fcntl.fcntl(
-                        descriptor, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, 0, 0, 4, 0)
-                    )
+                try:  # noqa: SIM105 (every close's path; suppress costs 0.27 µs)
+                    fcntl.fcntl(descriptor, fcntl.F_OFD_SETLK, _UNLOCK_ALL)
+                except OSError:
+                    pass
                 os.close(descriptor)
 
 
@@ -551,7 +552,7 @@ class LinuxBackend(Backend):
 
     def mutex_lock(self, address: int) -> bool:
         assert _pthread is not None
-        error = _pthread.lock(ctypes.c_void_p(address))
+        error = _pthread.lock(address)  # argtypes convert the int
         if error == errno.EOWNERDEAD:
             return True
         if error:
@@ -564,7 +565,7 @@ class LinuxBackend(Backend):
 
     def mutex_unlock(self, address: int) -> None:
         assert _pthread is not None
-        error = _pthread.unlock(ctypes.c_void_p(address))
+        error = _pthread.unlock(address)
         if error:
             raise OSError(error, f"cannot unlock the dict's mutex: {os.strerror(error)}")
 
