@@ -96,6 +96,7 @@ __all__ = [
     "STATE_POOLED",
     "TICKETS",
     "Area",
+    "CounterLock",
     "Hold",
     "InFlight",
     "LegacyArea",
@@ -242,7 +243,7 @@ class Area:
         return self._offset + WAITERS_OFFSET
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return _Counter(self._locks)
+        return CounterLock(self._locks)
 
     def state(self) -> int:
         """The block's state word (live, pooled, closing)."""
@@ -324,7 +325,7 @@ class LegacyArea:
     notify_offset = waiters_offset = -1
 
     def _update(self, change: int, state: int | None = None) -> None:
-        with _Counter(self._locks):
+        with CounterLock(self._locks):
             count, last_ns, old_state = _LEGACY.unpack_from(self._buf, self._offset)
             if change > 0:
                 last_ns = time.time_ns()
@@ -352,8 +353,12 @@ class LegacyArea:
         return in_flight_at(self._buf[self._offset : self._offset + LEGACY_AREA_SIZE], 2)
 
 
-class _Counter:
-    """COUNTER held exclusively for the duration of a ``with`` (microseconds)."""
+class CounterLock:
+    """COUNTER held exclusively for the duration of a ``with`` (microseconds).
+
+    Every read-modify-write of a word of the lifetime area that no atomic covers
+    (the lifetime words here, the waiter count of :mod:`._waiting`) takes it.
+    """
 
     __slots__ = ("_locks",)
 

@@ -37,7 +37,8 @@ import time
 from ctypes import addressof, c_char
 from typing import Final
 
-from ._platform import COUNTER, BlockLocks, backend
+from ._lifetime import CounterLock
+from ._platform import BlockLocks, backend
 from .errors import ClosedError
 
 __all__ = ["ASYNC_SLICE", "MAX_POLL_INTERVAL", "MIN_POLL_INTERVAL", "Signal", "deadline_of"]
@@ -133,7 +134,7 @@ class Signal:
     def _counter(self, serialised: bool) -> contextlib.AbstractContextManager[None]:
         if serialised:
             return contextlib.nullcontext()
-        return _CounterLock(self._locks)
+        return CounterLock(self._locks)
 
     def wait(self, expected: int, deadline: float | None) -> int:
         """Sleep until the generation is not ``expected`` or the deadline passes; return it."""
@@ -194,18 +195,3 @@ class Signal:
         finally:
             stop.set()
             self.wake()
-
-
-class _CounterLock:
-    """COUNTER held exclusively for a read-modify-write of a word (no futex here)."""
-
-    __slots__ = ("_locks",)
-
-    def __init__(self, locks: BlockLocks) -> None:
-        self._locks = locks
-
-    def __enter__(self) -> None:
-        self._locks.wait_lock(COUNTER, exclusive=True)
-
-    def __exit__(self, *exc: object) -> None:
-        self._locks.unlock(COUNTER)
