@@ -436,6 +436,7 @@ typedef struct {
     uint64_t generation;
     uint32_t *notify, *waiters;
     uint64_t pid, start, epoch;
+    int wake_due; /* core_end saw waiters: core_unlock wakes them once the mutex is free */
 } Core;
 
 static uint64_t fork_epoch = 1; /* bumped in a forked child: the identity is read again */
@@ -931,6 +932,11 @@ static int lock_mutex(pthread_mutex_t *mutex) {
     return error;
 }
 
+static void futex_bump(uint32_t *word) {
+    __atomic_add_fetch(word, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
 enum { LOCKED = 0, UNUSUAL = 1, FAILED = -1 };
 
 /* Take the dict's mutex and check what _acquire checks. LOCKED: held, the step can go on.
@@ -957,6 +963,10 @@ static int core_lock(Core *c) {
 
 static int core_unlock(Core *c) {
     int error = pthread_mutex_unlock(c->mutex);
+    if (c->wake_due) {
+        c->wake_due = 0;
+        futex_bump(c->notify);
+    }
     if (error) {
         mutex_error(error, "unlock");
         return -1;
@@ -988,15 +998,12 @@ static uint64_t core_begin(Core *c) {
     return version;
 }
 
-static void futex_bump(uint32_t *word) {
-    __atomic_add_fetch(word, 1, __ATOMIC_SEQ_CST);
-    syscall(SYS_futex, word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-}
-
-/* Journal.end, then SharedDict._end's wake-up of whoever waits for a change. */
+/* Journal.end; whoever waits for a change is woken by core_unlock, after the mutex is
+ * released (a waiter woken while it is held would sleep again on the mutex at once).
+ * Nothing is lost: a waiter counted in later evaluates its predicate after this change. */
 static void core_end(Core *c) {
     STORE(&c->ctl[C_HOLDER_PID], (uint64_t)0);
-    if (c->notify && LOAD(c->waiters)) futex_bump(c->notify);
+    c->wake_due = c->notify && LOAD(c->waiters);
 }
 
 static int core_bound(Core *c) {

@@ -4,7 +4,8 @@ Every block of format v3 has, in its lifetime area (:mod:`._lifetime`), a 32-bit
 ``notify`` word and a 32-bit ``waiters`` word. :class:`Signal` is their use:
 ``SharedArray.notify``/``wait`` bump and wait on an array block's word,
 ``SharedDict.wait_for`` waits on the dict's entry block's word, which every
-change of the dict bumps while anyone waits.
+change of the dict bumps while anyone waits (just after the dict's lock is
+released: a waiter woken while it is held would sleep again on it at once).
 
 No lost wake-up
 ---------------
@@ -113,28 +114,22 @@ class Signal:
         """How many waiters have said they wait (a hint: 0 means nobody to wake)."""
         return int(self._waiters[0])
 
-    def bump(self, *, serialised: bool = False) -> int:
+    def bump(self) -> int:
         """Add 1 to the generation and wake every waiter; return the new generation.
 
-        One atomic kernel operation where there are futexes. Elsewhere a
-        read-modify-write under COUNTER, unless ``serialised``: the caller
-        holds a lock that every bump of this word takes (the dict's).
+        One atomic kernel operation where there are futexes; elsewhere a
+        read-modify-write under COUNTER.
         """
         if not backend.futex_add(self._address, 1):
-            with self._counter(serialised):
+            with CounterLock(self._locks):
                 self._notify[0] = (self._notify[0] + 1) & 0xFFFFFFFF
         return self.load()
 
-    def add_waiter(self, delta: int, *, serialised: bool = False) -> None:
-        """Count a waiter in (``+1``) or out (``-1``)."""
+    def add_waiter(self, delta: int) -> None:
+        """Count a waiter in (``+1``) or out (``-1``): atomic, or under COUNTER."""
         if not backend.futex_add(self._waiters_address, delta):
-            with self._counter(serialised):
+            with CounterLock(self._locks):
                 self._waiters[0] = max(0, self._waiters[0] + delta) & 0xFFFFFFFF
-
-    def _counter(self, serialised: bool) -> contextlib.AbstractContextManager[None]:
-        if serialised:
-            return contextlib.nullcontext()
-        return CounterLock(self._locks)
 
     def wait(self, expected: int, deadline: float | None) -> int:
         """Sleep until the generation is not ``expected`` or the deadline passes; return it."""

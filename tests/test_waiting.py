@@ -232,6 +232,33 @@ def test_wait_for_wakes_on_a_change_in_another_process(shared: SharedDict, metho
     assert waiter.exitcode == 0
 
 
+def test_a_change_inside_an_outer_lock_wakes_the_waiter_when_the_lock_is_released(
+    shared: SharedDict,
+) -> None:
+    """The wake-up waits for the outermost release, whichever handle of the dict changed it.
+
+    A change made through a second handle inside ``with shared.lock()`` ends
+    while the lock is still held; the waiter must be woken when the outer
+    block releases it (a wake-up kept per handle would be lost: the waiter
+    would time out).
+    """
+    results: Any = multiprocessing.get_context("spawn").Queue()
+    waiter = multiprocessing.get_context("spawn").Process(
+        target=wait_for_key, args=(shared.name, "go", 20, results)
+    )
+    waiter.start()
+    try:
+        assert results.get(timeout=TIMEOUT)[0] == "ready"
+        time.sleep(0.1)
+        with SharedDict.attach(shared.name) as other, shared.lock():
+            other["go"] = "now"
+            shared["also"] = 1
+        assert results.get(timeout=TIMEOUT) == ("found", "now")
+    finally:
+        waiter.join(TIMEOUT)
+    assert waiter.exitcode == 0
+
+
 def test_a_killed_dict_waiter_harms_nobody(shared: SharedDict) -> None:
     """SIGKILL a process inside wait_for(): the dict and other waiters work as before."""
     context = multiprocessing.get_context("spawn")

@@ -653,11 +653,11 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         self._cache_version = self._journal.begin()
 
     def _end(self) -> None:
-        """The mutation is complete; wake whoever waits for a change."""
+        """The mutation is complete; whoever waits for a change is woken after the unlock."""
         self._journal.end()
         signal = self._notify
         if signal is not None and signal.waiters():
-            signal.bump(serialised=True)
+            self._lock.wake_after_release(signal)
 
     def lock(self) -> SharedDictLock:
         """Return a context manager holding the dict's lock: one atomic step.
@@ -1157,8 +1157,9 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         """
         deadline = deadline_of(timeout)
         signal = self._signal()
-        with self._locked:
-            signal.add_waiter(1, serialised=True)
+        # Counted in before the first look under the lock: a change whose writer missed
+        # this count (it looks under the lock) is one the first look already sees.
+        signal.add_waiter(1)
         try:
             while True:
                 with self._locked:
@@ -1168,8 +1169,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
                 if signal.wait(generation, deadline) == generation:
                     return False  # the deadline passed with no change
         finally:
-            with self._locked:
-                signal.add_waiter(-1, serialised=True)
+            signal.add_waiter(-1)
 
     async def wait_for_async(
         self, predicate: Callable[[SharedDict[_K, _V]], object], timeout: float | None = None
@@ -1181,8 +1181,9 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         """
         deadline = deadline_of(timeout)
         signal = self._signal()
-        with self._locked:
-            signal.add_waiter(1, serialised=True)
+        # Counted in before the first look under the lock: a change whose writer missed
+        # this count (it looks under the lock) is one the first look already sees.
+        signal.add_waiter(1)
         try:
             while True:
                 with self._locked:
@@ -1192,8 +1193,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
                 if await signal.wait_async(generation, deadline) == generation:
                     return False
         finally:
-            with self._locked:
-                signal.add_waiter(-1, serialised=True)
+            signal.add_waiter(-1)
 
     # -- inspection ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from typing import Protocol
 
 from .._platform import DICT, BlockLocks, backend
 from .._process import ForkPhase, at_fork
+from .._waiting import Signal
 from ..errors import AllocationError
 
 __all__ = ["DictLock", "FileLock", "MutexLock", "ProcessLock"]
@@ -141,6 +142,7 @@ class DictLock:
         "_process_lock",
         "_references",
         "_thread_lock",
+        "_wake",
         "name",
     )
 
@@ -154,6 +156,7 @@ class DictLock:
         self._inherited = 0  # levels the forking thread held in the parent (in a child)
         self._inherited_by = 0
         self._references = 0
+        self._wake: Signal | None = None  # to bump once the process lock is released
 
     @classmethod
     def for_dict(cls, key: bytes) -> DictLock | None:
@@ -216,10 +219,25 @@ class DictLock:
         """
         if self._inherited and self._release_inherited():
             return
+        wake = None
         if self._depth == 1:
             self._process_lock.release()
+            wake, self._wake = self._wake, None
         self._depth -= 1
-        self._thread_lock.release()
+        try:
+            if wake is not None:
+                wake.bump()
+        finally:
+            self._thread_lock.release()
+
+    def wake_after_release(self, signal: Signal) -> None:
+        """Bump ``signal`` (wake the dict's waiters) once the process lock is released.
+
+        Call with the lock held. A waiter woken while the lock is still held
+        would only go to sleep again on it; one counted in after the release
+        evaluates its predicate after the change, so no wake-up is lost.
+        """
+        self._wake = signal
 
     @property
     def thread_lock(self) -> threading.RLock:
