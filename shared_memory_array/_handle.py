@@ -69,6 +69,13 @@ __all__ = ["CREATION_WAIT", "BlockHandle", "land", "one_pickle_per_message"]
 CREATION_WAIT: Final = 1.0
 """Seconds an open waits for the header of a block another process is still creating."""
 
+OWNERLESS_WAIT: Final = 0.1
+"""Seconds an open waits for an owner to appear on a block with neither header nor owner.
+
+A creator makes the file first (``O_CREAT``, which fails if the name exists) and
+takes OWNER microseconds later: in between, the block is empty and nobody owns it.
+"""
+
 # Inside one_pickle_per_message(): the ticket each handle was pickled with (by id; the
 # handle is kept so that its id stays its own for the scope's life).
 _message_tickets: contextvars.ContextVar[dict[int, tuple[object, int]] | None] = (
@@ -498,7 +505,7 @@ def _check_pages(block: SharedBlock, end: int) -> None:
 
 def _read_header(block: SharedBlock, kind: BlockKind, verify_checksum: bool) -> Header:
     """Parse the block's header; a block still being created is waited for, then "not found"."""
-    deadline = time.monotonic() + CREATION_WAIT
+    deadline = ownerless_until = 0.0
     delay = 1e-4
     while True:
         raw = block.header_bytes()
@@ -511,11 +518,15 @@ def _read_header(block: SharedBlock, kind: BlockKind, verify_checksum: bool) -> 
                 block_size=block.size,
             )
         # No header yet (its place all zeros, or not even sized): its creator, who owns it
-        # from the first instant and writes the header last, is still at work. Other bytes
-        # there are a corrupt header.
-        if any(raw[:FIXED_SIZE]) or not block.hold.owner_elsewhere():
+        # from microseconds after the name appears (OWNERLESS_WAIT) and writes the header
+        # last, is still at work. Other bytes there are a corrupt header; a block that
+        # stays empty with no owner is not being created.
+        now = time.monotonic()
+        if not deadline:
+            deadline, ownerless_until = now + CREATION_WAIT, now + OWNERLESS_WAIT
+        if any(raw[:FIXED_SIZE]) or (now > ownerless_until and not block.hold.owner_elsewhere()):
             return parse_header(raw, expected_kind=kind, name=block.name, block_size=block.size)
-        if time.monotonic() > deadline:
+        if now > deadline:
             raise BlockBeingCreatedError(
                 block.name, f"block {block.name!r} is still being created (no header yet)"
             )

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,7 +28,8 @@ from _children_v3 import (
     slow_create,
 )
 
-from shared_memory_array import BlockNotFoundError, LayoutError, SharedDict
+from shared_memory_array import BlockNotFoundError, LayoutError, SharedArray, SharedDict
+from shared_memory_array._platform import OWNER, backend
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -222,6 +224,38 @@ def test_attach_during_create_is_not_found_never_a_layout_error() -> None:
     finally:
         creator.join(TIMEOUT)
     assert creator.exitcode == 0
+
+
+def test_attach_between_the_creators_open_and_its_owner_lock_is_not_a_layout_error() -> None:
+    """A block whose creator made the file but has not yet taken OWNER is waited for.
+
+    A creator's ``O_CREAT`` comes microseconds before its OWNER lock. An
+    attach in between found an empty block that nobody owned and called it
+    corrupt (LayoutError), which ``SharedDict.open`` passed on: four processes
+    opening one name at once failed now and then on the pure path.
+    """
+    name = unique()
+    system = backend.system_name(name)
+    fd = backend.open_block(system, create=True, writable=True)  # the file; no owner yet
+    locks = backend.locks(fd, system, writable=True, created=True)
+    owned = threading.Event()
+
+    def become_owner() -> None:
+        time.sleep(0.02)  # the attach below looks first, and finds nobody
+        if locks.try_lock(OWNER, exclusive=True):
+            owned.set()
+
+    creator = threading.Thread(target=become_owner)
+    creator.start()
+    try:
+        # Owned, but its header never comes: "still being created" (not found), not corrupt.
+        with pytest.raises(BlockNotFoundError, match="still being created"):
+            SharedArray.attach(name)
+        assert owned.is_set()
+    finally:
+        creator.join(TIMEOUT)
+        locks.close()
+        backend.unlink(system)
 
 
 # -- issue 17 items 3 and 4: locks across forks -----------------------------------------------
