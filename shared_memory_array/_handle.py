@@ -64,7 +64,7 @@ from .errors import (
     SharedArrayError,
 )
 
-__all__ = ["CREATION_WAIT", "BlockHandle", "land", "one_pickle_per_message"]
+__all__ = ["CREATION_WAIT", "OWNERLESS_WAIT", "BlockHandle", "land", "one_pickle_per_message"]
 
 CREATION_WAIT: Final = 1.0
 """Seconds an open waits for the header of a block another process is still creating."""
