@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from ctypes import addressof, c_char
 from typing import Final
 
@@ -130,6 +131,15 @@ class Signal:
         if not backend.futex_add(self._waiters_address, delta):
             with CounterLock(self._locks):
                 self._waiters[0] = max(0, self._waiters[0] + delta) & 0xFFFFFFFF
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count the caller among the waiters for the duration of the ``with``."""
+        self.add_waiter(1)
+        try:
+            yield
+        finally:
+            self.add_waiter(-1)
 
     def wait(self, expected: int, deadline: float | None) -> int:
         """Sleep until the generation is not ``expected`` or the deadline passes; return it."""

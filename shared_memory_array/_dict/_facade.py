@@ -65,7 +65,7 @@ from .._header import BlockKind, align, encode_header
 from .._heap import heap_overhead
 from .._platform import backend
 from .._process import current_identity
-from .._waiting import deadline_of
+from .._waiting import Signal, deadline_of
 from ..errors import (
     AllocationError,
     BlockExistsError,
@@ -1157,19 +1157,11 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         """
         deadline = deadline_of(timeout)
         signal = self._signal()
-        # Counted in before the first look under the lock: a change whose writer missed
-        # this count (it looks under the lock) is one the first look already sees.
-        signal.add_waiter(1)
-        try:
-            while True:
-                with self._locked:
-                    generation = signal.load()
-                    if predicate(self):
-                        return True
+        with signal.counted():
+            while (generation := self._look(signal, predicate)) is not None:
                 if signal.wait(generation, deadline) == generation:
                     return False  # the deadline passed with no change
-        finally:
-            signal.add_waiter(-1)
+        return True
 
     async def wait_for_async(
         self, predicate: Callable[[SharedDict[_K, _V]], object], timeout: float | None = None
@@ -1181,19 +1173,23 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         """
         deadline = deadline_of(timeout)
         signal = self._signal()
-        # Counted in before the first look under the lock: a change whose writer missed
-        # this count (it looks under the lock) is one the first look already sees.
-        signal.add_waiter(1)
-        try:
-            while True:
-                with self._locked:
-                    generation = signal.load()
-                    if predicate(self):
-                        return True
+        with signal.counted():
+            while (generation := self._look(signal, predicate)) is not None:
                 if await signal.wait_async(generation, deadline) == generation:
                     return False
-        finally:
-            signal.add_waiter(-1)
+        return True
+
+    def _look(
+        self, signal: Signal, predicate: Callable[[SharedDict[_K, _V]], object]
+    ) -> int | None:
+        """Under the lock: ``None`` if ``predicate(self)`` holds, else the generation to wait on.
+
+        Call it counted among the waiters (:meth:`Signal.counted`): a change whose
+        writer missed the count (it looks under the lock) is one this look sees.
+        """
+        with self._locked:
+            generation = signal.load()
+            return None if predicate(self) else generation
 
     # -- inspection ----------------------------------------------------------------------
 
