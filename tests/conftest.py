@@ -150,6 +150,29 @@ def private_shm_command(argv: list[str], *, size: str | None = None) -> list[str
     ]
 
 
+def run_in_private_shm(
+    argv: list[str],
+    *,
+    size: str | None = None,
+    timeout: float = 60,
+    check: bool = False,
+    cwd: str | os.PathLike[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` behind a private /dev/shm (:func:`private_shm_command`), output as text.
+
+    Skips the calling test, saying why, where that is impossible.
+    """
+    needs_private_shm()
+    return subprocess.run(
+        private_shm_command(argv, size=size),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+        cwd=cwd,
+    )
+
+
 # -- blocks, as the platform layer sees them --------------------------------------------
 
 

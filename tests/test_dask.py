@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import needs_private_shm, private_shm_command
+from conftest import needs_private_shm, private_shm_command, run_in_private_shm
 
 from shared_memory_array import BlockNotFoundError, SharedArray, SharedDict, read, write
 from shared_memory_array._identity import shm_identity
@@ -161,14 +161,7 @@ def test_identity_differs_behind_a_private_tmpfs_and_not_in_a_child() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, check=True
     )
     assert child.stdout.strip() == shm_identity()
-    needs_private_shm()
-    private = subprocess.run(
-        private_shm_command([sys.executable, "-c", code]),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=True,
-    )
+    private = run_in_private_shm([sys.executable, "-c", code], timeout=TIMEOUT, check=True)
     assert len(private.stdout.strip()) == 16
     assert private.stdout.strip() != shm_identity()
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import needs_private_shm, private_shm_command
+from conftest import run_in_private_shm
 
 from shared_memory_array._platform import backend
 
@@ -46,13 +46,8 @@ print("allocated")
 
 
 def _in_a_small_tmpfs(size: str, nbytes: int) -> subprocess.CompletedProcess[str]:
-    needs_private_shm()
-    return subprocess.run(
-        private_shm_command([sys.executable, "-c", _TRY_ALLOCATE, str(nbytes)], size=size),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
+    return run_in_private_shm(
+        [sys.executable, "-c", _TRY_ALLOCATE, str(nbytes)], size=size, timeout=TIMEOUT
     )
 
 

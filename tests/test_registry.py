@@ -46,8 +46,10 @@ from conftest import (
     library_blocks,
     make_unheld_block,
     needs,
+    private_shm_command,
     refuse_unlink,
     remove_block,
+    run_in_private_shm,
 )
 from conftest import shield as shield_in_flight
 
@@ -892,3 +894,57 @@ def test_mapped_by_lists_every_process_that_maps_the_block() -> None:
             child.stdout.close()  # type: ignore[union-attr]
         (info,) = [info for info in sma.list_blocks() if info.name == array.name]
         assert info.mapped_by == (os.getpid(),)
+
+
+_SAME_INODE_ELSEWHERE = r"""
+import os, subprocess, sys
+import numpy as np
+import shared_memory_array as sma
+
+MAP_SAME_INODE = '''
+import mmap, os, sys
+wanted = int(sys.argv[1])
+for attempt in range(10_000):  # a fresh tmpfs numbers its files from the bottom, like ours
+    path = f"/dev/shm/sma_elsewhere{attempt}"
+    with open(path, "wb") as file:
+        file.write(bytes(4096))
+    if os.stat(path).st_ino == wanted:
+        break
+    os.unlink(path)
+else:
+    sys.exit("no file of inode %d" % wanted)
+with open(path, "r+b") as file:
+    mapping = mmap.mmap(file.fileno(), 4096)
+print("mapped", flush=True)
+sys.stdin.read()
+'''
+
+with sma.SharedArray.copy(None, np.arange(10.0)) as array:
+    inode = os.stat(f"/dev/shm/{array.name}").st_ino
+    other = subprocess.Popen(
+        PRIVATE_SHM + [sys.executable, "-c", MAP_SAME_INODE, str(inode)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert other.stdout.readline().strip() == "mapped", "the other namespace did not map"
+        (info,) = [info for info in sma.list_blocks() if info.name == array.name]
+        print("mapped_by", info.mapped_by == (os.getpid(),), info.mapped_by, os.getpid())
+    finally:
+        other.stdin.close()
+        other.wait(60)
+"""
+
+
+@needs("process_table")
+def test_a_file_of_the_same_inode_in_another_mount_namespace_is_not_a_mapper() -> None:
+    """mapped_by counts mappings of the block's own file, not of another tmpfs's same inode.
+
+    Inside a private /dev/shm, a process in a second private /dev/shm maps a file
+    whose inode number equals the block's (both tmpfs number their files from the
+    bottom): its /proc maps line shows the same path and inode, on another device.
+    """
+    inner = private_shm_command(["placeholder"])[:-1]
+    script = f"PRIVATE_SHM = {inner!r}\n" + _SAME_INODE_ELSEWHERE
+    done = run_in_private_shm([sys.executable, "-c", script], timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:2] == ["mapped_by", "True"], done.stdout

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from _children_lifetimes import make_array
 from _children_reliability import owns, sum_after, sum_of
-from conftest import needs, needs_private_shm, private_shm_command
+from conftest import needs, needs_private_shm, run_in_private_shm
 
 from shared_memory_array import (
     BlockNotFoundError,
@@ -126,15 +126,9 @@ def _in_private_tmpfs(script: str, *, size: str) -> object:
     The script starts with :data:`_TMPFS_TOOLS` and prints one JSON value as its
     last line, which is returned.
     """
-    needs_private_shm()
     code = _TMPFS_TOOLS + textwrap.dedent(script)
-    done = subprocess.run(
-        private_shm_command([sys.executable, "-c", code], size=size),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT * 4,
-        check=False,
-        cwd=HERE,
+    done = run_in_private_shm(
+        [sys.executable, "-c", code], size=size, timeout=TIMEOUT * 4, cwd=HERE
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -529,19 +523,14 @@ def test_unpickling_a_handle_it_cannot_reach_never_raises(where: str) -> None:
         owner.close()
         landed = pickle.loads(payload)
     elif where == "another host":
-        needs_private_shm()
         # Made behind another tmpfs on /dev/shm: to a handle, another host.
-        made = subprocess.run(
-            private_shm_command(
-                [
-                    sys.executable,
-                    "-c",
-                    "import pickle, numpy as np; from shared_memory_array import SharedArray; "
-                    "print(pickle.dumps(SharedArray.copy(None, np.arange(10.0))).hex())",
-                ]
-            ),
-            capture_output=True,
-            text=True,
+        made = run_in_private_shm(
+            [
+                sys.executable,
+                "-c",
+                "import pickle, numpy as np; from shared_memory_array import SharedArray; "
+                "print(pickle.dumps(SharedArray.copy(None, np.arange(10.0))).hex())",
+            ],
             timeout=TIMEOUT,
             check=True,
         )

@@ -454,34 +454,48 @@ class LinuxBackend(Backend):
         own_pid = str(os.getpid())
         excluded = {str(fd) for fd in exclude}
         inodes: set[int] = set()
-        prefix = self._directory.rstrip("/") + "/"
+        prefix, device = self._files_here()
         try:
             pids = [entry.name for entry in os.scandir("/proc") if entry.name.isdigit()]
         except OSError:
             return None
         for pid in pids:
-            for inode, _ in _mapped_files(pid, prefix):
-                inodes.add(inode)
+            inodes.update(_mapped_files(pid, prefix, device))
             with contextlib.suppress(OSError):
                 for fd in os.listdir(f"/proc/{pid}/fd"):
                     if pid == own_pid and fd in excluded:
                         continue
                     with contextlib.suppress(OSError):
                         if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(prefix):
-                            inodes.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+                            info = os.stat(f"/proc/{pid}/fd/{fd}")
+                            if info.st_dev == device:
+                                inodes.add(info.st_ino)
         return inodes
 
     def mappers(self) -> dict[int, list[int]] | None:
-        prefix = self._directory.rstrip("/") + "/"
+        prefix, device = self._files_here()
         try:
             pids = sorted(int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit())
         except OSError:
             return None
         found: dict[int, list[int]] = {}
         for pid in pids:
-            for inode in {inode for inode, _ in _mapped_files(str(pid), prefix)}:
+            for inode in set(_mapped_files(str(pid), prefix, device)):
                 found.setdefault(inode, []).append(pid)
         return found
+
+    def _files_here(self) -> tuple[str, int]:
+        """The path prefix of blocks in ``/proc`` and the device of their filesystem.
+
+        A process in another mount namespace may have its own tmpfs mounted at
+        the same path, whose inode numbers start low too: the same path and
+        inode on another device is another file.
+        """
+        prefix = self._directory.rstrip("/") + "/"
+        try:
+            return prefix, os.stat(self._directory).st_dev
+        except OSError:
+            return prefix, -1  # no directory: no block of ours can be mapped
 
     def resident_bytes(self, info: os.stat_result) -> int | None:
         return info.st_blocks * 512  # tmpfs: allocated pages are memory (or swap)
@@ -625,8 +639,8 @@ def _open_error(name: str, exc: OSError) -> Exception:
     return exhausted(exc, f"open block {name!r}") or exc
 
 
-def _mapped_files(pid: str, prefix: str) -> list[tuple[int, str]]:
-    """``(inode, path)`` of each mapping of a file under ``prefix`` in ``/proc/PID/maps``."""
+def _mapped_files(pid: str, prefix: str, device: int) -> list[int]:
+    """Inodes of the mappings of files under ``prefix`` on ``device`` in ``/proc/PID/maps``."""
     try:
         with open(f"/proc/{pid}/maps", "rb") as maps:
             lines = maps.read().decode("utf-8", "replace").splitlines()
@@ -636,7 +650,13 @@ def _mapped_files(pid: str, prefix: str) -> list[tuple[int, str]]:
     for line in lines:
         fields = line.split(None, 5)  # address perms offset dev inode path
         if len(fields) == 6 and fields[5].startswith(prefix) and fields[4].isdigit():
-            found.append((int(fields[4]), fields[5]))
+            major, _, minor = fields[3].partition(":")
+            try:
+                mapped_device = os.makedev(int(major, 16), int(minor, 16))
+            except ValueError:
+                continue
+            if mapped_device == device:
+                found.append(int(fields[4]))
     return found
 
 
