@@ -54,12 +54,13 @@ def open_and_count(name: str, barrier: Any, results: Any) -> None:
     shared.close()
 
 
-def insert_until_growth_then_die(name: str, where: str) -> None:
+def insert_until_growth_then_die(name: str, where: str, growths: int = 1) -> None:
     """Insert keys until the dict grows, and SIGKILL this process at ``where`` in the step.
 
     ``where``: ``"created"`` (the new data block exists, nothing copied), ``"copied"``
     (its tables are being rebuilt), ``"committed"`` (the entry names the new block;
-    the old one is not unlinked yet).
+    the old one is not unlinked yet). With ``"committed"``, ``growths`` steps are
+    made and the last one is cut there.
     """
     from shared_memory_array._dict import _store
     from shared_memory_array._dict._table import Table
@@ -82,9 +83,13 @@ def insert_until_growth_then_die(name: str, where: str) -> None:
 
         Table.rebuild = rebuild  # type: ignore[method-assign]
     else:
+        original_unlink = _store.DataBlock.unlink
+        commits = iter(range(1, growths + 1))
 
         def unlink(self: Any) -> None:  # grow() unlinks the old block right after the commit
-            _die()
+            if next(commits, growths) == growths:
+                _die()
+            original_unlink(self)
 
         _store.DataBlock.unlink = unlink  # type: ignore[method-assign]
     shared = SharedDict.attach(name)

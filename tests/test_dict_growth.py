@@ -10,14 +10,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 from _children_v3 import grow_forever, insert_until_growth_then_die
-from conftest import needs_private_shm, private_shm_command
+from conftest import run_in_private_shm
 
 from shared_memory_array import AllocationError, SharedDict, list_blocks
 
@@ -111,13 +110,8 @@ d.close()
 
 def test_the_default_dict_works_in_a_64_mib_dev_shm() -> None:
     """SharedDict.create(name) in Docker's default 64 MiB /dev/shm, with 20,000 items."""
-    needs_private_shm()
-    done = subprocess.run(
-        private_shm_command([sys.executable, "-c", _FILL_A_SMALL_SHM], size="64m"),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
+    done = run_in_private_shm(
+        [sys.executable, "-c", _FILL_A_SMALL_SHM], size="64m", timeout=TIMEOUT
     )
     if done.returncode != 0 and "mount" in done.stderr and "ok" not in done.stdout:
         pytest.skip(f"cannot mount a private tmpfs here: {done.stderr.strip()}")
@@ -148,6 +142,89 @@ def test_a_process_killed_inside_a_growth_leaves_the_dict_before_or_after(where:
             shared[f"again{i}"] = i
         shared._check()
         assert shared["again199"] == 199
+
+
+def data_blocks_of(shared: SharedDict) -> list[str]:
+    """The names of the dict's data blocks on the system, from a listing."""
+    return sorted(
+        info.name for info in list_blocks() if info.name.startswith(shared.block_name + "~")
+    )
+
+
+@pytest.mark.parametrize("then", ["unlink", "grow"])
+def test_the_old_block_a_mover_killed_after_its_commit_left_goes_by_name(then: str) -> None:
+    """Killed between the commit and the old block's unlink: that name goes with the dict.
+
+    The writer makes two growth steps and is killed in the second, so this
+    process, still at generation 0, never maps the block left behind (closing
+    the last mapping would have reaped it). The name goes when the dict is
+    unlinked, or at its next growth; it is not left for a reaper's scan.
+    """
+    shared = SharedDict.create(unique(), max_items=8, heap_size=1 << 14)
+    try:
+        shared.update({f"old{i}": i for i in range(5)})
+        child = spawn.Process(
+            target=insert_until_growth_then_die, args=(shared.name, "committed", 2)
+        )
+        child.start()
+        child.join(TIMEOUT)
+        assert child.exitcode == -signal.SIGKILL, child.exitcode
+        shared._check()
+        assert shared.stats()["generation"] == 2
+        assert data_blocks_of(shared) == [f"{shared.block_name}~{n}" for n in (1, 2)]
+        if then == "grow":
+            while shared.stats()["generation"] < 3:
+                shared[f"more{len(shared)}"] = 0
+            assert data_blocks_of(shared) == [f"{shared.block_name}~3"]
+    finally:
+        shared.close()
+        shared.unlink()
+    assert data_blocks_of(shared) == []
+
+
+def test_an_unlinked_dict_that_grows_leaves_a_new_dict_of_its_name_alone() -> None:
+    """A dict unlinked but still used grows twice; the new dict of its name keeps its data.
+
+    The grower removes the name of the generation before the one it leaves only
+    when that block says this dict moved on from it; here that name is the new
+    dict's current data block.
+    """
+    name = unique()
+    old = SharedDict.create(name, max_items=8, heap_size=4096)
+    try:
+        old.unlink()  # its holders go on using it
+        with SharedDict.create(name) as new:
+            new["mine"] = "new"
+            while old.stats()["generation"] < 2:
+                old[f"k{len(old)}"] = 0
+            with SharedDict.attach(name) as again:
+                assert dict(again.items()) == {"mine": "new"}
+    finally:
+        old.close()
+
+
+def test_an_unlinked_dict_does_not_take_the_next_block_name_of_a_new_dict() -> None:
+    """The new dict of the name already grew: the unlinked one cannot grow, and says why.
+
+    Its next data block's name is the new dict's current block; removing it, as
+    a leftover of a killed mover would be, would lose the new dict for every
+    process that attaches later.
+    """
+    name = unique()
+    old = SharedDict.create(name, max_items=8, heap_size=4096)
+    try:
+        old.update({f"k{i}": i for i in range(8)})  # full: the next key makes it grow
+        old.unlink()
+        with SharedDict.create(name, max_items=8, heap_size=4096) as new:
+            new.update({f"n{i}": i for i in range(12)})
+            assert new.stats()["generation"] == 1
+            with pytest.raises(AllocationError, match="unlinked"):
+                old["one more"] = 0
+            assert dict(old.items()) == {f"k{i}": i for i in range(8)}  # unchanged
+            with SharedDict.attach(name) as again:
+                assert dict(again.items()) == {f"n{i}": i for i in range(12)}
+    finally:
+        old.close()
 
 
 def test_a_writer_killed_at_random_points_while_the_dict_grows(small: SharedDict) -> None:

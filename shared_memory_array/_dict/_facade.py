@@ -95,7 +95,7 @@ from ._layout import (
     EntryPage,
 )
 from ._lock import DictLock, FileLock, MutexLock, ProcessLock
-from ._store import INITIAL_HEAP_RESERVE, DataBlock, data_name, grow
+from ._store import INITIAL_HEAP_RESERVE, DataBlock, grow, unlink_data_blocks
 from ._table import Table, decode_value, encode_value
 
 if TYPE_CHECKING:
@@ -579,9 +579,8 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         generation = entry.generation if entry is not None else None
         if not block.unlink():
             return False
-        if generation is not None:  # the current generation, whichever handle last grew it,
-            for number in (generation, generation + 1):  # and the next, left by a killed mover
-                backend.unlink(backend.system_name(data_name(self.block_name, number)))
+        if generation is not None:  # the current generation, whichever handle last grew it
+            unlink_data_blocks(self.block_name, generation, self._dict_name)
         return True
 
     def _release(self) -> None:
@@ -688,6 +687,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             self._dict_name,
             more_items=isinstance(full, TableFullError),
             more_heap=needed if isinstance(full, HeapFullError) else 0,
+            still_named=self._live_block().still_named,
         )
         self._data_swap(new, old_data)
         self._cache_version = self._journal.begin()  # the mutation goes on in the new block

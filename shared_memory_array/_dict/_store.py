@@ -22,14 +22,16 @@ lock:
    and free list stays valid), the tables are rebuilt bigger, the control
    words carried over, and the header written last;
 3. **commit**: one store of the new generation into the entry block;
-4. the old block records what replaced it and its name is removed; its marker
-   stays set for ever.
+4. the old block records what replaced it and its name is removed (and the
+   name of the one before it, if a mover killed between 3 and 4 left it); its
+   marker stays set for ever.
 
 Every other holder notices at its next locked step (the entry's generation is
 not its own) and follows to the new block, without re-attaching anything it
 was given. A process killed before step 3 leaves the dict as it was (the next
 locker repairs the old block's marker; the half-made block is nobody's and
-goes to the reaper); after step 3, as it is after.
+goes to the reaper); after step 3, as it is after. Either leftover also goes
+when the dict is unlinked (:func:`unlink_data_blocks`).
 """
 
 from __future__ import annotations
@@ -46,16 +48,35 @@ from .._handle import BlockHandle
 from .._header import BlockKind, Header, encode_header, header_size_for
 from .._heap import Heap, heap_overhead
 from .._platform import backend
-from ..errors import BlockExistsError, LayoutError
+from ..errors import AllocationError, BlockExistsError, LayoutError, SharedArrayError
 from ._layout import EntryPage, Geometry
 from ._table import Table
 
-__all__ = ["INITIAL_HEAP_RESERVE", "DataBlock", "data_name", "grow"]
+__all__ = [
+    "INITIAL_HEAP_RESERVE",
+    "DataBlock",
+    "data_name",
+    "data_names_around",
+    "grow",
+    "unlink_data_blocks",
+]
 
 INITIAL_HEAP_RESERVE: Final = 64 << 10
 """Bytes of heap reserved when a growing dict is created (the limit doubles from there)."""
 _HEAP_LIMIT_WORD: Final = struct.Struct("<Q")  # the heap's meta word 2: its limit
 _GENERATED: Final = "~"
+
+
+def data_names_around(entry_name: str, generation: int) -> list[str]:
+    """The names a dict at ``generation`` may still have on the system.
+
+    Its current data block's; the previous generation's, which a mover killed
+    after its commit but before its unlink leaves (the next growth removes it);
+    and the next generation's, which a mover killed before its commit leaves.
+    """
+    return [
+        data_name(entry_name, number) for number in range(max(0, generation - 1), generation + 2)
+    ]
 
 
 def data_name(entry_name: str, generation: int) -> str:
@@ -224,15 +245,14 @@ def _keep_while_current(facts: _reaper.BlockFacts) -> str | None:
 def _data_of(facts: _reaper.BlockFacts) -> list[str]:
     """The data blocks that go with a dict's entry block.
 
-    Its current generation's, and the next one's, which a mover killed before
-    its commit may have left.
+    Its current generation's, and those a mover killed in a growth may have
+    left (:func:`data_names_around`).
     """
     word = facts.read(8, facts.header.data_offset)
     if len(word) != 8:
         return []
     generation = int.from_bytes(word, "little")
-    entry_name = facts.header.name or facts.name
-    names = [data_name(entry_name, number) for number in (generation, generation + 1)]
+    names = data_names_around(facts.header.name or facts.name, generation)
     return [
         backend.system_name(name) for name in names if backend.exists(backend.system_name(name))
     ]
@@ -251,17 +271,21 @@ def grow(
     *,
     more_items: bool,
     more_heap: int,
+    still_named: Callable[[], bool],
 ) -> DataBlock:
     """Move the dict to a data block of the next generation (see the module docstring).
 
     ``more_items``: the table is full (the new one takes twice as many keys);
-    ``more_heap``: bytes that must fit in the heap beyond what it holds now.
+    ``more_heap``: bytes that must fit in the heap beyond what it holds now;
+    ``still_named``: whether the dict's name still names its entry block.
     The caller holds the dict's lock and has set the old block's mutation marker.
 
     Raises
     ------
     AllocationError
-        The system cannot provide the memory; the dict is unchanged.
+        The system cannot provide the memory, or the dict was unlinked and a
+        new dict of its name holds the name of its next data block; the dict
+        is unchanged.
     """
     geometry = old.geometry
     max_items = geometry.max_items * 2 if more_items else geometry.max_items
@@ -277,7 +301,13 @@ def grow(
             entry_name, generation, max_items, heap_bytes, heap_reserve=target_limit
         )
     except BlockExistsError:
-        # Left by a mover that died before its commit (we hold the lock: nobody else makes it).
+        # Left by a mover that died before its commit (we hold the lock: nobody else makes
+        # it), unless the dict was unlinked: then it may be a newer dict's of the same name.
+        if not still_named():
+            raise AllocationError(
+                f"dict {dict_name!r} cannot grow: it was unlinked, and the name of its next "
+                f"data block, {name!r}, is taken (a new dict of the same name may use it)"
+            ) from None
         backend.unlink(backend.system_name(name))
         new = DataBlock.create(
             entry_name, generation, max_items, heap_bytes, heap_reserve=target_limit
@@ -309,4 +339,43 @@ def grow(
     entry.generation = generation  # the commit point: one store
     old_table.ctl.superseded = generation
     old.unlink()
+    if old.generation:  # a mover killed after its commit, before this unlink, left it
+        _unlink_superseded(entry_name, old.generation - 1, dict_name)
     return new
+
+
+def unlink_data_blocks(entry_name: str, generation: int, dict_name: str) -> None:
+    """Remove the names of a dict's data blocks, the dict at ``generation`` being unlinked.
+
+    Its current block's and the next generation's (left by a mover killed
+    before its commit); the previous generation's only if that block says
+    this dict moved on from it (:func:`_unlink_superseded`).
+    """
+    for number in (generation, generation + 1):
+        backend.unlink(backend.system_name(data_name(entry_name, number)))
+    if generation:
+        _unlink_superseded(entry_name, generation - 1, dict_name)
+
+
+def _unlink_superseded(entry_name: str, generation: int, dict_name: str) -> None:
+    """Remove the name of the data block of ``generation`` if it was replaced by the next.
+
+    A mover killed between its commit and its unlink leaves that name. A block
+    of that name whose marker says otherwise is not this dict's leftover: it is
+    the current block of another dict of the same name, made after this one
+    was unlinked, and stays.
+    """
+    try:
+        leftover = DataBlock.open(entry_name, generation)
+    except (SharedArrayError, OSError):
+        return  # gone: the usual case
+    try:
+        table = leftover.table(dict_name)
+        try:
+            replaced = table.ctl.superseded == generation + 1
+        finally:
+            table.release()
+        if replaced:
+            leftover.unlink()
+    finally:
+        leftover.close()
