@@ -124,8 +124,9 @@ class Judgement:
         Handles pickled and not yet unpickled, within their grace.
     raw_creator : tuple of int or None
         The creator pid and start time an unreadable header's first bytes name.
-    followers : tuple of str
-        Blocks reaped with this one (a dict's data blocks), by :func:`reap`.
+    followers : tuple of Judgement
+        The judgements of the blocks reaped with this one (a dict's data
+        blocks), by :func:`reap`.
     """
 
     name: str
@@ -138,7 +139,7 @@ class Judgement:
     error: str | None = None
     in_flight: int = 0
     raw_creator: tuple[int, int] | None = None
-    followers: tuple[str, ...] = ()
+    followers: tuple[Judgement, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -390,8 +391,9 @@ def reap(name: str, *, now: float | None = None) -> Judgement:
     gone = []
     for follower in followers:
         with contextlib.suppress(OSError, ValueError, LayoutError):
-            if reap(follower).verdict is Verdict.REAP:
-                gone.append(follower)
+            followed = reap(follower)
+            if followed.verdict is Verdict.REAP:
+                gone.append(followed)
     return dataclasses.replace(judgement, followers=tuple(gone))
 
 

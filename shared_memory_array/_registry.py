@@ -332,8 +332,9 @@ def cleanup(dry_run: bool = False) -> CleanupResult:
         if judgement.verdict is Verdict.REAP:
             result.cleaned.append(shown)
             for follower in judgement.followers:  # went with it (a dict's data block)
-                result.cleaned.append(follower)
-                result.reasons[follower] = f"went with {shown!r}"
+                follower_shown = _shown_name(follower)
+                result.cleaned.append(follower_shown)
+                result.reasons[follower_shown] = f"went with {shown!r}"
         else:
             result.skipped.append(shown)
         result.reasons[shown] = _reason(judgement)

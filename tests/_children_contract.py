@@ -23,8 +23,7 @@ import numpy as np
 
 import shared_memory_array as sma
 from shared_memory_array._codec._tokens import parse_shared
-from shared_memory_array._dict._store import data_name
-from shared_memory_array._platform import PREFIX
+from shared_memory_array._platform import PREFIX, backend
 
 KINDS: Final = ("array", "dict", "codec", "shared_data")
 PICKLED_HANDLES: Final = ("array", "dict")
@@ -93,9 +92,10 @@ def block_names(kind: str, ref: str) -> list[str]:
     """The names of every block the object ``ref`` uses (a dict's data blocks too)."""
     if kind == "codec":
         return [parse_shared(ref).name]
-    if kind == "dict":
+    if kind == "dict":  # its data blocks: <entry>~<tag>~<generation>, whatever the tag
         entry = ref if ref.startswith(PREFIX) else PREFIX + ref
-        return [entry, *(data_name(entry, generation) for generation in range(3))]
+        data_prefix = backend.system_name(entry) + "~"
+        return [entry, *(name for name in backend.list_names() if name.startswith(data_prefix))]
     return [ref]
 
 

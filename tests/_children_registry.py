@@ -74,7 +74,8 @@ def serve(commands: TextIO, replies: TextIO) -> int:
     """Obey commands, one per line, answering each with one JSON line.
 
     ``create array`` / ``create codec`` / ``create dict NAME``: make a block
-    (kept mapped), reply ``{"name": ...}``; ``attach NAME``: map an existing
+    (kept mapped), reply ``{"name": ...}`` (a dict's also ``"data"``: its data
+    block's name); ``attach NAME``: map an existing
     block and keep it; ``pickle``: pickle the last array made (a handle in
     flight), reply ``{"pickle": hex}``; ``drop``: close every handle made;
     ``exit``: a normal exit (status 0). Every reply carries this ``pid``.
@@ -96,6 +97,7 @@ def serve(commands: TextIO, replies: TextIO) -> int:
             shared = sma.SharedDict.create(words[2], max_items=8, heap_size=4096)
             kept.append(shared)
             reply["name"] = words[2]
+            reply["data"] = shared._data.name
         elif words[:1] == ["attach"] and len(words) == 2:
             kept.append(SharedBlock.attach(words[1]))
             reply["name"] = words[1]

@@ -394,10 +394,10 @@ def test_attach_rejects_other_kinds_and_bad_geometry() -> None:
         block.close()
         block.unlink()
     # A dict whose data block's geometry is impossible (written over by another process).
-    with SharedDict.create(name, max_items=4, heap_size=4096):
-        data = SharedBlock.attach(f"{PREFIX}{name}~0")
+    with SharedDict.create(name, max_items=4, heap_size=4096) as made:
+        data_name = made._data.name
+        data = SharedBlock.attach(data_name)
         try:
-            data_name = f"{PREFIX}{name}~0"
             control = header_size_for(extra_len=48, name=data_name)  # a 48-byte geometry
             geometry = (control, 10**12, 12, 5, 0, 0)
             extra = b"".join(value.to_bytes(8, "little") for value in geometry)

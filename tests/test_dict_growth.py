@@ -70,7 +70,7 @@ def test_only_the_current_generation_stays_on_the_system(small: SharedDict) -> N
     small.update({f"k{i}": i for i in range(200)})
     names = [info.name for info in list_blocks() if info.name.startswith(small.block_name)]
     generation = small.stats()["generation"]
-    assert sorted(names) == sorted([small.block_name, f"{small.block_name}~{generation}"])
+    assert sorted(names) == sorted([small.block_name, data_block_name(small, generation)])
 
 
 def test_grow_false_keeps_the_fixed_capacity() -> None:
@@ -144,6 +144,11 @@ def test_a_process_killed_inside_a_growth_leaves_the_dict_before_or_after(where:
         assert shared["again199"] == 199
 
 
+def data_block_name(shared: SharedDict, generation: int) -> str:
+    """The name of the data block of ``generation`` of ``shared`` (see _dict._store)."""
+    return f"{shared.block_name}~{shared._data.tag}~{generation}"
+
+
 def data_blocks_of(shared: SharedDict) -> list[str]:
     """The names of the dict's data blocks on the system, from a listing."""
     return sorted(
@@ -171,59 +176,45 @@ def test_the_old_block_a_mover_killed_after_its_commit_left_goes_by_name(then: s
         assert child.exitcode == -signal.SIGKILL, child.exitcode
         shared._check()
         assert shared.stats()["generation"] == 2
-        assert data_blocks_of(shared) == [f"{shared.block_name}~{n}" for n in (1, 2)]
+        assert data_blocks_of(shared) == [data_block_name(shared, n) for n in (1, 2)]
         if then == "grow":
             while shared.stats()["generation"] < 3:
                 shared[f"more{len(shared)}"] = 0
-            assert data_blocks_of(shared) == [f"{shared.block_name}~3"]
+            assert data_blocks_of(shared) == [data_block_name(shared, 3)]
     finally:
         shared.close()
         shared.unlink()
     assert data_blocks_of(shared) == []
 
 
-def test_an_unlinked_dict_that_grows_leaves_a_new_dict_of_its_name_alone() -> None:
-    """A dict unlinked but still used grows twice; the new dict of its name keeps its data.
+@pytest.mark.parametrize("first", ["old", "new"])
+def test_an_unlinked_dict_and_a_new_dict_of_its_name_grow_apart(first: str) -> None:
+    """A dict unlinked but still used, and a new dict of its name: neither touches the other.
 
-    The grower removes the name of the generation before the one it leaves only
-    when that block says this dict moved on from it; here that name is the new
-    dict's current data block.
+    Both grow through the same generations, in either order; a holder of the
+    old dict that follows its growth late finds the old dict's data, and a
+    process that attaches by name finds the new one's. (Data blocks named by
+    the dict's name and generation alone were shared by the two: the second
+    grower took the first's block for a killed mover's leftover and removed it.)
     """
     name = unique()
     old = SharedDict.create(name, max_items=8, heap_size=4096)
+    late = SharedDict.attach(name)  # a holder of the old dict that follows later
     try:
+        old.update({f"old{i}": i for i in range(5)})
         old.unlink()  # its holders go on using it
-        with SharedDict.create(name) as new:
-            new["mine"] = "new"
-            while old.stats()["generation"] < 2:
-                old[f"k{len(old)}"] = 0
-            with SharedDict.attach(name) as again:
-                assert dict(again.items()) == {"mine": "new"}
-    finally:
-        old.close()
-
-
-def test_an_unlinked_dict_does_not_take_the_next_block_name_of_a_new_dict() -> None:
-    """The new dict of the name already grew: the unlinked one cannot grow, and says why.
-
-    Its next data block's name is the new dict's current block; removing it, as
-    a leftover of a killed mover would be, would lose the new dict for every
-    process that attaches later.
-    """
-    name = unique()
-    old = SharedDict.create(name, max_items=8, heap_size=4096)
-    try:
-        old.update({f"k{i}": i for i in range(8)})  # full: the next key makes it grow
-        old.unlink()
         with SharedDict.create(name, max_items=8, heap_size=4096) as new:
-            new.update({f"n{i}": i for i in range(12)})
-            assert new.stats()["generation"] == 1
-            with pytest.raises(AllocationError, match="unlinked"):
-                old["one more"] = 0
-            assert dict(old.items()) == {f"k{i}": i for i in range(8)}  # unchanged
+            growers = [old, new] if first == "old" else [new, old]
+            for shared in growers:
+                label = "old" if shared is old else "new"
+                shared.update({f"{label}{i}": i for i in range(40)})
+                assert shared.stats()["generation"] >= 2
+            assert dict(late.items()) == {f"old{i}": i for i in range(40)}
             with SharedDict.attach(name) as again:
-                assert dict(again.items()) == {f"n{i}": i for i in range(12)}
+                assert dict(again.items()) == {f"new{i}": i for i in range(40)}
+            assert late._data.tag != new._data.tag
     finally:
+        late.close()
         old.close()
 
 

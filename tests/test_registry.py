@@ -75,10 +75,15 @@ WriteBlock = Callable[..., str]
 
 @pytest.fixture
 def scope(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Names the registry may see; tests add the blocks they create."""
+    """Names the registry may see; tests add the blocks they create (as users name them)."""
     names: set[str] = set()
     real_scan = _registry._block_names
-    monkeypatch.setattr(_registry, "_block_names", lambda: [n for n in real_scan() if n in names])
+
+    def scoped_scan() -> list[str]:  # the scan gives system names (a long name's is a hash)
+        seen = {backend.system_name(name) for name in names}
+        return [name for name in real_scan() if name in seen]
+
+    monkeypatch.setattr(_registry, "_block_names", scoped_scan)
     return names
 
 
@@ -222,9 +227,9 @@ class Child:
         if "name" in reply:
             self.made.add(reply["name"])
             self.scope.add(reply["name"])
-            if command.startswith("create dict"):  # its data block (see _dict._layout)
-                self.made.add(reply["name"] + "~0")
-                self.scope.add(reply["name"] + "~0")
+            if "data" in reply:  # a dict's data block (see _dict._store)
+                self.made.add(reply["data"])
+                self.scope.add(reply["data"])
         return reply
 
     def kill(self) -> None:
@@ -452,12 +457,13 @@ def test_orphans_of_a_sigkilled_creator_are_cleaned(
 ) -> None:
     """A SIGKILLed creator's array, codec block and dict are orphans and go; a held block stays."""
     creator = child()
+    made_dict = creator.ask(f"create dict {PREFIX}orphan_{new_name()[len(PREFIX) :]}")
     names = [
         creator.ask("create array")["name"],
         creator.ask("create codec")["name"],
-        creator.ask(f"create dict {PREFIX}orphan_{new_name()[len(PREFIX) :]}")["name"],
+        made_dict["name"],
+        made_dict["data"],  # the dict's data block (see _dict._store)
     ]
-    names.append(names[-1] + "~0")  # the dict's data block (see _dict._layout)
 
     survivor = make_block(BlockKind.ARRAY)
     creator.kill()
@@ -818,7 +824,7 @@ def _blocks_created_by(pid: int) -> set[str]:
             except sma.BlockNotFoundError:
                 continue
             if info.creator_pid == pid:
-                found.add(name)
+                found.add(info.name)
     return found
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 import pickle
 import platform
 import re
@@ -61,7 +62,7 @@ from typing_extensions import Self, TypeVar
 from .. import _accel
 from .._block import PREFIX
 from .._handle import BlockHandle
-from .._header import BlockKind, align, encode_header
+from .._header import BLOCK_ID_SIZE, BlockKind, align, encode_header
 from .._heap import heap_overhead
 from .._platform import backend
 from .._process import current_identity
@@ -95,7 +96,7 @@ from ._layout import (
     EntryPage,
 )
 from ._lock import DictLock, FileLock, MutexLock, ProcessLock
-from ._store import INITIAL_HEAP_RESERVE, DataBlock, grow, unlink_data_blocks
+from ._store import INITIAL_HEAP_RESERVE, DataBlock, dict_tag, grow, unlink_data_blocks
 from ._table import Table, decode_value, encode_value
 
 if TYPE_CHECKING:
@@ -351,7 +352,10 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         )
         if heap_bytes >= MAX_BLOCK:
             raise ValueError(f"heap_size {heap_bytes} is too large for a dict")
-        header = encode_header(BlockKind.DICT, nbytes=ENTRY_PAGE_SIZE, name=block_name)
+        block_id = os.urandom(BLOCK_ID_SIZE)  # known now: the data blocks' names carry it
+        header = encode_header(
+            BlockKind.DICT, nbytes=ENTRY_PAGE_SIZE, name=block_name, block_id=block_id
+        )
         try:
             self = cls._create(len(header) + ENTRY_PAGE_SIZE, name=block_name, populate=True)
         except BlockExistsError as exc:
@@ -374,6 +378,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             entry.release()
             data = DataBlock.create(
                 block_name,
+                dict_tag(block_id),
                 0,
                 items,
                 heap_bytes,
@@ -454,9 +459,10 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             entry = EntryPage(block.buf[header.data_offset :])
             generation = entry.generation
             entry.release()
+            tag = dict_tag(header.block_id)
             for _ in range(3):
                 try:
-                    data = DataBlock.open(block_name, generation)
+                    data = DataBlock.open(block_name, tag, generation)
                     break
                 except BlockNotFoundError:  # it grew meanwhile: follow
                     entry = EntryPage(block.buf[header.data_offset :])
@@ -465,7 +471,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
                     if not moved:
                         raise
             else:
-                data = DataBlock.open(block_name, generation)
+                data = DataBlock.open(block_name, tag, generation)
             self._setup(name, data)
         except BaseException:
             self.close()
@@ -580,7 +586,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
         if not block.unlink():
             return False
         if generation is not None:  # the current generation, whichever handle last grew it
-            unlink_data_blocks(self.block_name, generation, self._dict_name)
+            unlink_data_blocks(self._data.entry_name, self._data.tag, generation)
         return True
 
     def _release(self) -> None:
@@ -625,7 +631,7 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
     def _follow(self) -> None:
         """Another process grew the dict: work on the current data block."""
         old = self._data
-        self._data_swap(DataBlock.open(self.block_name, self._entry.generation), old)
+        self._data_swap(DataBlock.open(old.entry_name, old.tag, self._entry.generation), old)
 
     def _data_swap(self, new: DataBlock, old: DataBlock) -> None:
         self._fast = None
@@ -683,11 +689,9 @@ class SharedDict(BlockHandle, MutableMapping[_K, _V], Generic[_K, _V]):
             old_data,
             old_table,
             self._entry,
-            self.block_name,
             self._dict_name,
             more_items=isinstance(full, TableFullError),
             more_heap=needed if isinstance(full, HeapFullError) else 0,
-            still_named=self._live_block().still_named,
         )
         self._data_swap(new, old_data)
         self._cache_version = self._journal.begin()  # the mutation goes on in the new block

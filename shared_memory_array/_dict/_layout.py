@@ -7,7 +7,8 @@ A dict is two blocks (see :mod:`._store` for how they are made and grow):
   control page that says which generation of data is current and holds the
   dict's lock;
 * the **data block** of the current generation (kind ``dict data``), named
-  ``<entry name>~<generation>``: control words, two hash tables, the heap.
+  ``<entry name>~<tag>~<generation>`` (the tag: the first 4 bytes of the entry
+  block's id, in hex): control words, two hash tables, the heap.
 
 Entry block payload (``data_offset`` + ...)
 -------------------------------------------

@@ -1,8 +1,11 @@
 """A dict's data blocks: making one, opening one, and growing into a bigger one.
 
 The dict is an entry block (the :class:`~._facade.SharedDict` handle's own)
-plus one current data block, of generation ``g``, named ``<entry name>~<g>``
-(:mod:`._layout`). Memory is reserved as it is needed: a data block is sized
+plus one current data block, of generation ``g``, named
+``<entry name>~<tag>~<g>`` (:mod:`._layout`); the tag is drawn from the entry
+block's random id (:func:`dict_tag`), so a dict that was unlinked while still
+in use and a newer dict of the same name never meet in a data block's name.
+Memory is reserved as it is needed: a data block is sized
 for its heap region at once, but only its control words, tables and the first
 part of the heap (the heap's *limit*, :mod:`.._heap`) are reserved; the limit
 rises, by doubling, as keys and values arrive (:meth:`DataBlock.reserve_heap`).
@@ -48,7 +51,7 @@ from .._handle import BlockHandle
 from .._header import BlockKind, Header, encode_header, header_size_for
 from .._heap import Heap, heap_overhead
 from .._platform import backend
-from ..errors import AllocationError, BlockExistsError, LayoutError, SharedArrayError
+from ..errors import BlockExistsError, LayoutError
 from ._layout import EntryPage, Geometry
 from ._table import Table
 
@@ -57,6 +60,7 @@ __all__ = [
     "DataBlock",
     "data_name",
     "data_names_around",
+    "dict_tag",
     "grow",
     "unlink_data_blocks",
 ]
@@ -65,23 +69,42 @@ INITIAL_HEAP_RESERVE: Final = 64 << 10
 """Bytes of heap reserved when a growing dict is created (the limit doubles from there)."""
 _HEAP_LIMIT_WORD: Final = struct.Struct("<Q")  # the heap's meta word 2: its limit
 _GENERATED: Final = "~"
+_TAG_BYTES: Final = 4
 
 
-def data_names_around(entry_name: str, generation: int) -> list[str]:
+def dict_tag(entry_block_id: bytes) -> str:
+    """The part of a dict's data block names that no other dict of its name has.
+
+    The first bytes of its entry block's random id, in hex. A dict that was
+    unlinked and is still used, and a newer dict of the same name, so never
+    share the name of a data block: neither can open or remove the other's.
+    """
+    return entry_block_id[:_TAG_BYTES].hex()
+
+
+def data_name(entry_name: str, tag: str, generation: int) -> str:
+    """The name of a dict's data block of ``generation`` (``~`` is in no dict name)."""
+    return f"{entry_name}{_GENERATED}{tag}{_GENERATED}{generation}"
+
+
+def _parse_data_name(name: str) -> tuple[str, str, int] | None:
+    """``(entry name, tag, generation)`` of a data block's name, ``None`` if it is not one."""
+    rest, _, generation = name.rpartition(_GENERATED)
+    entry_name, _, tag = rest.rpartition(_GENERATED)
+    if not entry_name or not generation.isdigit() or len(tag) != 2 * _TAG_BYTES:
+        return None
+    return entry_name, tag, int(generation)
+
+
+def data_names_around(entry_name: str, tag: str, generation: int) -> list[str]:
     """The names a dict at ``generation`` may still have on the system.
 
     Its current data block's; the previous generation's, which a mover killed
     after its commit but before its unlink leaves (the next growth removes it);
     and the next generation's, which a mover killed before its commit leaves.
     """
-    return [
-        data_name(entry_name, number) for number in range(max(0, generation - 1), generation + 2)
-    ]
-
-
-def data_name(entry_name: str, generation: int) -> str:
-    """The name of a dict's data block of ``generation`` (``~`` is in no dict name)."""
-    return f"{entry_name}{_GENERATED}{generation}"
+    first = max(0, generation - 1)
+    return [data_name(entry_name, tag, number) for number in range(first, generation + 2)]
 
 
 class DataBlock(BlockHandle):
@@ -92,11 +115,14 @@ class DataBlock(BlockHandle):
 
     geometry: Geometry
     generation: int = 0
+    entry_name: str = ""
+    tag: str = ""
 
     @classmethod
     def create(
         cls,
         entry_name: str,
+        tag: str,
         generation: int,
         max_items: int,
         heap_bytes: int,
@@ -114,7 +140,7 @@ class DataBlock(BlockHandle):
         AllocationError
             The system cannot provide the memory to reserve.
         """
-        name = data_name(entry_name, generation)
+        name = data_name(entry_name, tag, generation)
         control = header_size_for(extra_len=Geometry.packed_size(), name=name)
         geometry = Geometry.plan(control, max_items, heap_bytes)
         limit = heap_bytes if heap_reserve is None else min(heap_bytes, heap_reserve)
@@ -133,13 +159,14 @@ class DataBlock(BlockHandle):
             block.make_present(0, reserved)
             Heap.format(block.buf[geometry.heap : geometry.block_size], 0, heap_bytes, limit)
             self.geometry, self.generation = geometry, generation
+            self.entry_name, self.tag = entry_name, tag
             self._publish(header)  # last: attach waits for the block until now
             block.hold.drop_owner()  # the dict (its entry block) is owned, not its data
         return self
 
     @classmethod
-    def open(cls, entry_name: str, generation: int) -> Self:
-        """Open the data block of ``generation`` of the dict ``entry_name``.
+    def open(cls, entry_name: str, tag: str, generation: int) -> Self:
+        """Open the data block of ``generation`` of the dict ``entry_name`` tagged ``tag``.
 
         Raises
         ------
@@ -148,7 +175,7 @@ class DataBlock(BlockHandle):
         LayoutError
             It is not a dict data block, or its geometry is corrupt.
         """
-        name = data_name(entry_name, generation)
+        name = data_name(entry_name, tag, generation)
         self = cls._open(name)
         try:
             header, block = self._header, self._live_block()
@@ -160,6 +187,7 @@ class DataBlock(BlockHandle):
                 where=f"block {name!r}",
             )
             self.generation = generation
+            self.entry_name, self.tag = entry_name, tag
         except BaseException:
             self.close()
             raise
@@ -216,17 +244,19 @@ def _keep_while_current(facts: _reaper.BlockFacts) -> str | None:
     """The reaper's policy for data blocks: kept while their dict is kept and uses them.
 
     A data block nobody maps goes with its dict (when the dict's entry block
-    is itself an orphan, or gone) or once its dict has moved to a newer
-    generation.
+    is itself an orphan, or gone, or is another dict's of the same name) or
+    once its dict has moved to a newer generation.
     """
-    name = facts.header.name or facts.name
-    entry_name, _, generation = name.rpartition(_GENERATED)
-    if not entry_name or not generation.isdigit():
+    parsed = _parse_data_name(facts.header.name or facts.name)
+    if parsed is None:
         return None
+    entry_name, tag, generation = parsed
     system_name = backend.system_name(entry_name)
     entry = _reaper.judge(system_name)
     if entry.verdict is not _reaper.Verdict.KEEP or entry.header is None:
         return None  # the dict ended, or goes in this same scan
+    if dict_tag(entry.header.block_id) != tag:
+        return None  # the name now names another dict
     try:
         fd, _ = backend.open_for_judging(system_name)
     except OSError:
@@ -237,7 +267,7 @@ def _keep_while_current(facts: _reaper.BlockFacts) -> str | None:
         return None
     finally:
         backend.close_descriptor(fd)
-    if len(word) == 8 and int.from_bytes(word, "little") == int(generation):
+    if len(word) == 8 and int.from_bytes(word, "little") == generation:
         return f"the current data of dict {entry_name!r}"
     return None
 
@@ -252,7 +282,8 @@ def _data_of(facts: _reaper.BlockFacts) -> list[str]:
     if len(word) != 8:
         return []
     generation = int.from_bytes(word, "little")
-    names = data_names_around(facts.header.name or facts.name, generation)
+    entry_name = facts.header.name or facts.name
+    names = data_names_around(entry_name, dict_tag(facts.header.block_id), generation)
     return [
         backend.system_name(name) for name in names if backend.exists(backend.system_name(name))
     ]
@@ -266,26 +297,21 @@ def grow(
     old: DataBlock,
     old_table: Table,
     entry: EntryPage,
-    entry_name: str,
     dict_name: str,
     *,
     more_items: bool,
     more_heap: int,
-    still_named: Callable[[], bool],
 ) -> DataBlock:
     """Move the dict to a data block of the next generation (see the module docstring).
 
     ``more_items``: the table is full (the new one takes twice as many keys);
-    ``more_heap``: bytes that must fit in the heap beyond what it holds now;
-    ``still_named``: whether the dict's name still names its entry block.
+    ``more_heap``: bytes that must fit in the heap beyond what it holds now.
     The caller holds the dict's lock and has set the old block's mutation marker.
 
     Raises
     ------
     AllocationError
-        The system cannot provide the memory, or the dict was unlinked and a
-        new dict of its name holds the name of its next data block; the dict
-        is unchanged.
+        The system cannot provide the memory; the dict is unchanged.
     """
     geometry = old.geometry
     max_items = geometry.max_items * 2 if more_items else geometry.max_items
@@ -295,22 +321,17 @@ def grow(
         heap_bytes = -(-max(2 * heap_bytes, heap_bytes + 2 * more_heap) // 64) * 64
     target_limit = heap.limit + 2 * more_heap
     generation = old.generation + 1
-    name = data_name(entry_name, generation)
+    entry_name, tag = old.entry_name, old.tag
     try:
         new = DataBlock.create(
-            entry_name, generation, max_items, heap_bytes, heap_reserve=target_limit
+            entry_name, tag, generation, max_items, heap_bytes, heap_reserve=target_limit
         )
     except BlockExistsError:
-        # Left by a mover that died before its commit (we hold the lock: nobody else makes
-        # it), unless the dict was unlinked: then it may be a newer dict's of the same name.
-        if not still_named():
-            raise AllocationError(
-                f"dict {dict_name!r} cannot grow: it was unlinked, and the name of its next "
-                f"data block, {name!r}, is taken (a new dict of the same name may use it)"
-            ) from None
-        backend.unlink(backend.system_name(name))
+        # Left by a mover of this dict that died before its commit (the name is this dict's
+        # alone, dict_tag; we hold its lock: nobody else makes it).
+        backend.unlink(backend.system_name(data_name(entry_name, tag, generation)))
         new = DataBlock.create(
-            entry_name, generation, max_items, heap_bytes, heap_reserve=target_limit
+            entry_name, tag, generation, max_items, heap_bytes, heap_reserve=target_limit
         )
     try:
         block = new._live_block()
@@ -340,42 +361,15 @@ def grow(
     old_table.ctl.superseded = generation
     old.unlink()
     if old.generation:  # a mover killed after its commit, before this unlink, left it
-        _unlink_superseded(entry_name, old.generation - 1, dict_name)
+        backend.unlink(backend.system_name(data_name(entry_name, tag, old.generation - 1)))
     return new
 
 
-def unlink_data_blocks(entry_name: str, generation: int, dict_name: str) -> None:
+def unlink_data_blocks(entry_name: str, tag: str, generation: int) -> None:
     """Remove the names of a dict's data blocks, the dict at ``generation`` being unlinked.
 
-    Its current block's and the next generation's (left by a mover killed
-    before its commit); the previous generation's only if that block says
-    this dict moved on from it (:func:`_unlink_superseded`).
+    Its current block's, and those a mover killed in a growth may have left
+    (:func:`data_names_around`).
     """
-    for number in (generation, generation + 1):
-        backend.unlink(backend.system_name(data_name(entry_name, number)))
-    if generation:
-        _unlink_superseded(entry_name, generation - 1, dict_name)
-
-
-def _unlink_superseded(entry_name: str, generation: int, dict_name: str) -> None:
-    """Remove the name of the data block of ``generation`` if it was replaced by the next.
-
-    A mover killed between its commit and its unlink leaves that name. A block
-    of that name whose marker says otherwise is not this dict's leftover: it is
-    the current block of another dict of the same name, made after this one
-    was unlinked, and stays.
-    """
-    try:
-        leftover = DataBlock.open(entry_name, generation)
-    except (SharedArrayError, OSError):
-        return  # gone: the usual case
-    try:
-        table = leftover.table(dict_name)
-        try:
-            replaced = table.ctl.superseded == generation + 1
-        finally:
-            table.release()
-        if replaced:
-            leftover.unlink()
-    finally:
-        leftover.close()
+    for name in data_names_around(entry_name, tag, generation):
+        backend.unlink(backend.system_name(name))
