@@ -19,6 +19,7 @@ from _children_v3 import grow_forever, insert_until_growth_then_die
 from conftest import run_in_private_shm
 
 from shared_memory_array import AllocationError, SharedDict, list_blocks
+from shared_memory_array._dict._store import DataBlock
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -185,6 +186,30 @@ def test_the_old_block_a_mover_killed_after_its_commit_left_goes_by_name(then: s
         shared.close()
         shared.unlink()
     assert data_blocks_of(shared) == []
+
+
+def test_unlink_removes_a_leftover_of_any_earlier_generation() -> None:
+    """Two movers killed in a row can leave a block two or more generations back: it goes too.
+
+    The leftover is made here by hand, as a block of generation 0 of a dict
+    that has grown past generation 2, and kept mapped meanwhile (a block
+    nobody maps that is not its dict's current one goes when its last mapping
+    does, or at the reaper's next scan; this is about its name going at once).
+    """
+    shared = SharedDict.create(unique(), max_items=8, heap_size=4096)
+    leftover = None
+    try:
+        shared.update({f"k{i}": i for i in range(100)})
+        assert shared.stats()["generation"] >= 3
+        data = shared._data
+        leftover = DataBlock.create(data.entry_name, data.tag, 0, 8, 4096)
+        assert data_block_name(shared, 0) in data_blocks_of(shared)
+    finally:
+        shared.close()
+        shared.unlink()
+        assert data_blocks_of(shared) == []
+        if leftover is not None:
+            leftover.close()
 
 
 @pytest.mark.parametrize("first", ["old", "new"])

@@ -59,7 +59,7 @@ __all__ = [
     "INITIAL_HEAP_RESERVE",
     "DataBlock",
     "data_name",
-    "data_names_around",
+    "data_names_through",
     "dict_tag",
     "grow",
     "unlink_data_blocks",
@@ -70,6 +70,7 @@ INITIAL_HEAP_RESERVE: Final = 64 << 10
 _HEAP_LIMIT_WORD: Final = struct.Struct("<Q")  # the heap's meta word 2: its limit
 _GENERATED: Final = "~"
 _TAG_BYTES: Final = 4
+_MAX_GENERATIONS: Final = 128
 
 
 def dict_tag(entry_block_id: bytes) -> str:
@@ -96,14 +97,18 @@ def _parse_data_name(name: str) -> tuple[str, str, int] | None:
     return entry_name, tag, int(generation)
 
 
-def data_names_around(entry_name: str, tag: str, generation: int) -> list[str]:
-    """The names a dict at ``generation`` may still have on the system.
+def data_names_through(entry_name: str, tag: str, generation: int) -> list[str]:
+    """Every name a data block of a dict now at ``generation`` may still have.
 
-    Its current data block's; the previous generation's, which a mover killed
-    after its commit but before its unlink leaves (the next growth removes it);
-    and the next generation's, which a mover killed before its commit leaves.
+    The current generation's; the next one's, which a mover killed before its
+    commit leaves; and every earlier one's, which a mover killed after its
+    commit but before its unlinks leaves (each growth removes the one before
+    the block it leaves; two such kills in a row leave an older one). Each
+    growth step at least doubles the table or the heap, so a dict has at most
+    a few dozen generations: more than :data:`_MAX_GENERATIONS` back is a
+    corrupt word, and not looked for.
     """
-    first = max(0, generation - 1)
+    first = max(0, generation - _MAX_GENERATIONS)
     return [data_name(entry_name, tag, number) for number in range(first, generation + 2)]
 
 
@@ -276,14 +281,14 @@ def _data_of(facts: _reaper.BlockFacts) -> list[str]:
     """The data blocks that go with a dict's entry block.
 
     Its current generation's, and those a mover killed in a growth may have
-    left (:func:`data_names_around`).
+    left (:func:`data_names_through`).
     """
     word = facts.read(8, facts.header.data_offset)
     if len(word) != 8:
         return []
     generation = int.from_bytes(word, "little")
     entry_name = facts.header.name or facts.name
-    names = data_names_around(entry_name, dict_tag(facts.header.block_id), generation)
+    names = data_names_through(entry_name, dict_tag(facts.header.block_id), generation)
     return [
         backend.system_name(name) for name in names if backend.exists(backend.system_name(name))
     ]
@@ -369,7 +374,7 @@ def unlink_data_blocks(entry_name: str, tag: str, generation: int) -> None:
     """Remove the names of a dict's data blocks, the dict at ``generation`` being unlinked.
 
     Its current block's, and those a mover killed in a growth may have left
-    (:func:`data_names_around`).
+    (:func:`data_names_through`).
     """
-    for name in data_names_around(entry_name, tag, generation):
+    for name in data_names_through(entry_name, tag, generation):
         backend.unlink(backend.system_name(name))
