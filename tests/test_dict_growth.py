@@ -19,7 +19,7 @@ from _children_v3 import grow_forever, insert_until_growth_then_die
 from conftest import run_in_private_shm
 
 from shared_memory_array import AllocationError, SharedDict, list_blocks
-from shared_memory_array._dict._store import DataBlock
+from shared_memory_array._dict._store import DataBlock, data_name
 
 pytestmark = pytest.mark.usefixtures("no_leaked_blocks")
 
@@ -146,8 +146,8 @@ def test_a_process_killed_inside_a_growth_leaves_the_dict_before_or_after(where:
 
 
 def data_block_name(shared: SharedDict, generation: int) -> str:
-    """The name of the data block of ``generation`` of ``shared`` (see _dict._store)."""
-    return f"{shared.block_name}~{shared._data.tag}~{generation}"
+    """The name of the data block of ``generation`` of ``shared``."""
+    return data_name(shared.block_name, shared._data.tag, generation)
 
 
 def data_blocks_of(shared: SharedDict) -> list[str]:
